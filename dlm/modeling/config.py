@@ -1,0 +1,65 @@
+"""The shape of a transformer: one frozen, validated record from which both the module and the analytic
+parameter/FLOP accounting are derived, so the two can never disagree about what a model is."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class TransformerConfig(BaseModel):
+    """Architecture of a :class:`~dlm.modeling.transformer.DiffusionTransformer`.
+
+    The switches cover the LLaDA/LLaMA family (RMSNorm, SwiGLU, RoPE, no bias, untied head) and the GPT-2
+    family (LayerNorm, GELU, learned positions, biases, tied head), which is what the presets and the HF
+    interop need. Impossible shapes are rejected here, before any tensor is allocated.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: int = Field(gt=0)
+    d_model: int = Field(gt=0)
+    n_layers: int = Field(gt=0)
+    n_heads: int = Field(gt=0)
+    n_kv_heads: int | None = Field(default=None, gt=0)
+    mlp_hidden: int = Field(gt=0)
+    max_seq_len: int = Field(default=4096, gt=0)
+    norm: Literal["rms", "layer"] = "rms"
+    norm_eps: float = Field(default=1e-5, gt=0)
+    mlp: Literal["swiglu", "gelu"] = "swiglu"
+    positions: Literal["rope", "learned"] = "rope"
+    rope_theta: float = Field(default=10000.0, gt=0)
+    bias: bool = False
+    tie_embeddings: bool = False
+    init_std: float = Field(default=0.02, gt=0)
+    attention: Literal["sdpa", "math"] = "sdpa"
+
+    @model_validator(mode="after")
+    def _check_head_layout(self) -> TransformerConfig:
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                f"allowed n_heads are the divisors of d_model"
+            )
+        if self.n_heads % self.kv_heads != 0:
+            raise ValueError(
+                f"n_kv_heads ({self.kv_heads}) must divide n_heads ({self.n_heads}); "
+                f"allowed are the divisors of n_heads, or null for n_kv_heads = n_heads"
+            )
+        if self.positions == "rope" and self.head_dim % 2 != 0:
+            raise ValueError(
+                f"rope needs an even head_dim, got d_model / n_heads = {self.head_dim}; "
+                f"choose d_model and n_heads so that head_dim is even, or positions: learned"
+            )
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads: ``n_kv_heads`` resolved (fewer than ``n_heads`` means GQA)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
