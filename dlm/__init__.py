@@ -1,0 +1,1 @@
+"""dlm: masked diffusion language models."""

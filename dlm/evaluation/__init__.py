@@ -1,0 +1,1 @@
+"""dlm.evaluation: see DESIGN.md; filled by the length-head issue."""

@@ -1,0 +1,1 @@
+"""dlm.generation: see DESIGN.md; filled by the length-head issue."""

@@ -1,0 +1,171 @@
+"""Training metrics: loss (overall and by noise level), grad norm, LR, throughput and MFU.
+
+Values stay on the device between log steps and are read back only every ``logging.every`` steps, so
+logging never stalls the accelerator more often than that. One record goes to three sinks: the tqdm
+progress bar (with ETA), ``metrics.jsonl`` in the run directory, and wandb (offline unless configured).
+
+FLOPs per token come from :func:`dlm.modeling.training_flops_per_token` (``6 N + 12 L d T``); MFU divides the
+achieved FLOP/s by the device's dense bf16 peak from :data:`PEAK_TFLOPS`, or by ``logging.peak_tflops``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from dlm.config import RunConfig
+from dlm.training.objective import T_BUCKETS
+
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    # (substring of torch.cuda.get_device_name, dense bf16 TFLOP/s without sparsity); most specific first.
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),  # "NVIDIA H100 80GB HBM3" is the SXM part
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+)
+
+
+def peak_tflops(device: torch.device, override: float | None = None) -> float | None:
+    """The device's dense bf16 peak, or None when unknown (CPUs): MFU is then not reported."""
+    if override is not None:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+class Metrics:
+    """Accumulates per-step values on the device and emits a record every ``logging.every`` steps."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        flops_per_token: float,
+        device: torch.device,
+        start_step: int = 0,
+    ) -> None:
+        self.every = cfg.logging.every
+        self.total_steps = cfg.run.steps
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops(device, cfg.logging.peak_tflops)
+        self.device = device
+        self.path = run_dir / "metrics.jsonl"
+        if start_step == 0:
+            self.path.write_text("")
+        self.bar = tqdm(
+            total=cfg.run.steps, initial=start_step, disable=not cfg.logging.progress, desc="train", unit="step"
+        )
+        self.wandb = self._init_wandb(cfg, run_dir)
+        self.tokens_seen = 0
+        self._reset_window()
+
+    @staticmethod
+    def _init_wandb(cfg: RunConfig, run_dir: Path) -> Any:
+        if cfg.logging.wandb.mode == "disabled":
+            return None
+        import wandb
+
+        return wandb.init(
+            project=cfg.logging.wandb.project,
+            entity=cfg.logging.wandb.entity,
+            name=cfg.run.name,
+            dir=str(run_dir),
+            mode=cfg.logging.wandb.mode,
+            config=cfg.resolved(),
+        )
+
+    def _reset_window(self) -> None:
+        n = len(T_BUCKETS)
+        self._loss = torch.zeros((), device=self.device)
+        self._grad_norm = torch.zeros((), device=self.device)
+        self._bucket_sums = torch.zeros(n, device=self.device)
+        self._bucket_counts = torch.zeros(n, device=self.device)
+        self._steps = 0
+        self._tokens = 0
+        self._data_s = 0.0
+        self._t0 = time.perf_counter()
+
+    def update(
+        self,
+        step: int,
+        loss: Tensor,
+        bucket_sums: Tensor,
+        bucket_counts: Tensor,
+        grad_norm: Tensor,
+        lr: float,
+        tokens: int,
+        data_seconds: float,
+    ) -> dict[str, Any] | None:
+        """Record optimizer step ``step`` (1-based); return the emitted record on log steps."""
+        self._loss += loss.detach().float()
+        self._grad_norm += grad_norm.float().to(self.device)
+        self._bucket_sums += bucket_sums
+        self._bucket_counts += bucket_counts
+        self._steps += 1
+        self._tokens += tokens
+        self.tokens_seen += tokens
+        self._data_s += data_seconds
+        self.bar.update(1)
+        if step % self.every and step != self.total_steps:
+            return None
+        return self._emit(step, lr)
+
+    def _emit(self, step: int, lr: float) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": self._loss.item() / self._steps,
+            "grad_norm": self._grad_norm.item() / self._steps,
+            "lr": lr,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": tokens_per_s,
+            "tflops_per_s": tokens_per_s * self.flops_per_token / 1e12,
+            "mfu": tokens_per_s * self.flops_per_token / (self.peak * 1e12) if self.peak else None,
+            "data_wait_pct": 100.0 * self._data_s / elapsed,
+        }
+        sums, counts = self._bucket_sums.tolist(), self._bucket_counts.tolist()
+        lo = 0.0
+        for hi, s, c in zip(T_BUCKETS, sums, counts):
+            record[f"loss_t{lo:.2f}-{hi:.2f}"] = s / c if c else None
+            lo = hi
+        if self.device.type == "cuda":
+            record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self._write(record)
+        self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
+        self._reset_window()
+        return record
+
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        """Eval results go to the same sinks, tagged with the step they were measured at."""
+        self._write({"step": step, **values})
+        self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    def _write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None

@@ -1,0 +1,59 @@
+"""What a finished run leaves for people: the final weights (safetensors) and the loss-curve plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from safetensors.torch import save_model  # noqa: E402
+from torch import nn  # noqa: E402
+
+from dlm.modeling import TransformerConfig  # noqa: E402
+
+
+def save_weights(model: nn.Module, arch: TransformerConfig, run_dir: Path) -> Path:
+    """``model.safetensors`` + ``model_config.json``, each written to a temp name and renamed into place.
+
+    ``save_model`` (not ``save_file``) de-duplicates tied weights, which safetensors refuses to store twice.
+    """
+    out = run_dir / "model.safetensors"
+    tmp = run_dir / "model.safetensors.tmp"
+    save_model(model, str(tmp), metadata={"format": "pt", "producer": "dlm"})
+    os.replace(tmp, out)
+    cfg_tmp = run_dir / "model_config.json.tmp"
+    cfg_tmp.write_text(json.dumps(arch.model_dump(mode="json"), indent=2) + "\n")
+    os.replace(cfg_tmp, run_dir / "model_config.json")
+    return out
+
+
+def plot_loss_curve(metrics_path: Path, out: Path, unigram_entropy: float | None = None) -> Path:
+    """Training loss per logged step, held-out NELBO points and the unigram baseline on one chart."""
+    train_steps, train_loss, eval_steps, eval_loss = [], [], [], []
+    for line in metrics_path.read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train_steps.append(record["step"])
+            train_loss.append(record["loss"])
+        if "eval_nelbo" in record:
+            eval_steps.append(record["step"])
+            eval_loss.append(record["eval_nelbo"])
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    ax.plot(train_steps, train_loss, label="train loss (NELBO bound, nats/token)", color="tab:blue")
+    if eval_steps:
+        ax.plot(eval_steps, eval_loss, "o-", label="held-out NELBO", color="tab:orange")
+    if unigram_entropy is not None:
+        ax.axhline(unigram_entropy, ls="--", color="gray", label=f"unigram entropy {unigram_entropy:.2f}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("nats / token")
+    ax.set_title("dlm masked-diffusion training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

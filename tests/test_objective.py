@@ -1,0 +1,126 @@
+"""The LLaDA objectives against a plain full-logits reference, and the statistics of the masking process."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dlm.modeling import DiffusionTransformer, preset
+from dlm.training.objective import T_BUCKETS, diffusion_loss, forward_process, mask_generator
+
+MASK_ID = 63
+
+
+def _model(seed: int = 0) -> DiffusionTransformer:
+    torch.manual_seed(seed)
+    return DiffusionTransformer(preset("tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64))
+
+
+def test_mask_rate_matches_p_mask() -> None:
+    x = torch.zeros(64, 4096, dtype=torch.long)
+    noised = forward_process(x, MASK_ID, mask_generator(0, 1), eps=1e-3)
+    n = x.shape[1]
+    rate = noised.masked.float().mean(dim=1)
+    p = noised.p_mask
+    z = (rate - p) * n / torch.sqrt(n * p * (1 - p))
+    assert z.abs().max() < 5.0
+    assert z.mean().abs() < 1.0
+    assert torch.all(noised.p_mask >= 1e-3) and torch.all(noised.p_mask <= 1.0)
+    assert torch.equal(noised.noisy_ids[noised.masked], torch.full_like(x[noised.masked], MASK_ID))
+    assert torch.equal(noised.noisy_ids[~noised.masked], x[~noised.masked])
+    # t is uniform on (0, 1): its mean over 64 draws is within a generous band of 0.5
+    assert 0.35 < noised.t.mean().item() < 0.65
+
+
+def test_mask_draw_is_a_pure_function_of_seed_step_rank_microstep() -> None:
+    x = torch.randint(0, 60, (4, 32))
+    a = forward_process(x, MASK_ID, mask_generator(7, 3, 1, 2))
+    torch.rand(10)  # global RNG use in between must not matter
+    b = forward_process(x, MASK_ID, mask_generator(7, 3, 1, 2))
+    c = forward_process(x, MASK_ID, mask_generator(7, 3, 1, 3))
+    assert torch.equal(a.masked, b.masked) and torch.equal(a.t, b.t)
+    assert not torch.equal(a.masked, c.masked)
+
+
+def test_sft_never_masks_the_prompt_and_masks_the_answer_at_rate() -> None:
+    x = torch.randint(0, 60, (32, 512))
+    prompt_len = torch.randint(1, 256, (32,))
+    prompt_mask = torch.arange(512)[None, :] < prompt_len[:, None]
+    noised = forward_process(x, MASK_ID, mask_generator(0, 0), prompt_mask=prompt_mask)
+    assert not (noised.masked & prompt_mask).any()
+    answer = ~prompt_mask
+    rate = (noised.masked & answer).sum(1).float() / answer.sum(1)
+    assert (rate - noised.p_mask).abs().max() < 0.15
+    assert noised.normalizer == 32.0
+
+
+def test_pretrain_loss_equals_full_logits_reference() -> None:
+    model = _model()
+    x = torch.randint(0, 60, (3, 40))
+    noised = forward_process(x, MASK_ID, mask_generator(1, 2), eps=1e-3)
+    parts = diffusion_loss(model, noised, chunk_size=7)
+    ours = parts.loss_sum / noised.normalizer
+    (grad_ours,) = torch.autograd.grad(ours, model.embed.weight)
+
+    # LLaDA's reference: full logits, CE at masked positions divided by p_mask, summed, / (B * L).
+    logits = model.logits(model(noised.noisy_ids))
+    p_mask = noised.p_mask[:, None].expand_as(x)
+    token_loss = F.cross_entropy(logits[noised.masked], x[noised.masked], reduction="none") / p_mask[noised.masked]
+    ref = token_loss.sum() / (x.shape[0] * x.shape[1])
+    (grad_ref,) = torch.autograd.grad(ref, model.embed.weight)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(parts.bucket_sums.sum(), parts.loss_sum.detach(), rtol=1e-5, atol=1e-6)
+    assert parts.bucket_counts.sum().item() == x.numel()
+    assert len(parts.bucket_sums) == len(T_BUCKETS)
+
+
+def test_sft_loss_equals_llada_reference() -> None:
+    model = _model(1)
+    x = torch.randint(0, 60, (4, 24))
+    prompt_lengths = torch.tensor([3, 10, 1, 20])
+    prompt_mask = torch.arange(24)[None, :] < prompt_lengths[:, None]
+    noised = forward_process(x, MASK_ID, mask_generator(3, 4), prompt_mask=prompt_mask)
+    ours = diffusion_loss(model, noised).loss_sum / noised.normalizer
+
+    # LLaDA SFT reference: prompt restored, CE / p_mask / answer_length, summed, / B.
+    logits = model.logits(model(noised.noisy_ids))
+    masked = noised.noisy_ids == MASK_ID
+    answer_lengths = (~prompt_mask).sum(-1, keepdim=True).expand_as(x)
+    p_mask = noised.p_mask[:, None].expand_as(x)
+    ce = F.cross_entropy(logits[masked], x[masked], reduction="none") / p_mask[masked]
+    ref = torch.sum(ce / answer_lengths[masked]) / x.shape[0]
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_random_length_cut_changes_the_normaliser() -> None:
+    x = torch.randint(0, 60, (2, 64))
+    doc_ids = torch.zeros_like(x)
+    noised = forward_process(x, MASK_ID, mask_generator(0, 5), doc_ids=doc_ids, random_length_prob=1.0)
+    length = noised.input_ids.shape[1]
+    assert 1 <= length <= 64
+    assert noised.normalizer == 2 * length
+    assert noised.doc_ids is not None and noised.doc_ids.shape == (2, length)
+    assert torch.equal(noised.input_ids, x[:, :length])
+    never = forward_process(x, MASK_ID, mask_generator(0, 5), random_length_prob=0.0)
+    assert never.input_ids.shape == x.shape
+
+
+def test_loss_with_nothing_masked_is_zero_and_backpropagates() -> None:
+    model = _model()
+    x = torch.randint(0, 60, (2, 8))
+    prompt_mask = torch.ones_like(x, dtype=torch.bool)
+    noised = forward_process(x, MASK_ID, mask_generator(0, 0), prompt_mask=prompt_mask)
+    parts = diffusion_loss(model, noised)
+    assert parts.num_masked == 0 and parts.loss_sum.item() == 0.0
+    parts.loss_sum.backward()
+
+
+def test_stratified_t_covers_every_stratum_once() -> None:
+    x = torch.zeros(8, 16, dtype=torch.long)
+    noised = forward_process(x, MASK_ID, mask_generator(0, 9), stratified=True, eps=0.0)
+    strata = torch.floor(noised.t * 8).long().sort().values
+    assert torch.equal(strata, torch.arange(8))
+    # a fresh draw moves the shared offset, so every t is still uniform on (0, 1) marginally
+    other = forward_process(x, MASK_ID, mask_generator(0, 10), stratified=True, eps=0.0)
+    assert not torch.equal(noised.t, other.t)

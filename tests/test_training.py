@@ -1,0 +1,119 @@
+"""The training loop end to end through the CLI: run directory contents, repeatability, learning, wandb."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_model
+
+from dlm.cli import main
+from dlm.config import load_config
+from dlm.modeling import DiffusionTransformer, TransformerConfig
+from dlm.training.engine import PlainEngine
+from dlm.training.schedule import lr_multiplier
+
+from .conftest import ROOT, tiny_overrides
+
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_directory_holds_config_metrics_plot_weights_and_summary(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["train", SMOKE, *tiny_overrides(run_dir)]) == 0
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["run"]["steps"] == 4 and resolved["model"]["d_model"] == 64
+    records = _records(run_dir)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_nelbo" in r]
+    assert [r["step"] for r in train] == [2, 4]
+    assert [r["step"] for r in evals] == [2, 4]
+    for key in ("loss", "grad_norm", "lr", "tokens_per_s", "tflops_per_s", "mfu", "loss_t0.00-0.25", "loss_t0.75-1.00"):
+        assert key in train[0], key
+    assert train[0]["mfu"] is None  # a CPU has no entry in the peak table and no peak_tflops was given
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("steps", "tokens_per_s", "eval_nelbo", "unigram_entropy", "final_train_loss", "wall_time_s"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and summary["tokens_seen"] == 4 * 4 * 64
+    assert summary["eval_nelbo"] == pytest.approx(evals[-1]["eval_nelbo"])
+    png = (run_dir / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+    arch = TransformerConfig.model_validate(json.loads((run_dir / "model_config.json").read_text()))
+    model = DiffusionTransformer(arch)
+    missing, unexpected = load_model(model, str(run_dir / "model.safetensors"))
+    assert not missing and not unexpected
+    assert not any(p.name.endswith(".tmp") for p in run_dir.iterdir())
+
+
+def test_cpu_runs_repeat_exactly_and_depend_on_the_seed(tmp_path: Path) -> None:
+    losses = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        assert main(["train", SMOKE, *tiny_overrides(tmp_path / name, run__seed=seed, run__eval_every=0)]) == 0
+        losses.append([r.get("loss", r.get("eval_nelbo")) for r in _records(tmp_path / name)])
+    assert losses[0] == losses[1]
+    assert losses[0] != losses[2]
+
+
+def test_loss_falls_while_training(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, run__steps=40, logging__every=5, run__eval_every=0, optim__lr=5e-3)
+    assert main(["train", SMOKE, *overrides]) == 0
+    train = [r["loss"] for r in _records(run_dir) if "loss" in r]
+    assert train[-1] < train[0] - 1.5, train
+
+
+def test_wandb_offline_writes_a_local_run(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    assert main(["train", SMOKE, *tiny_overrides(run_dir, logging__wandb__mode="offline", run__steps=2)]) == 0
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and any(offline[0].rglob("*.wandb"))
+
+
+def test_lr_schedule_warmup_then_cosine_to_the_floor() -> None:
+    kw = {"warmup_steps": 10, "total_steps": 110, "kind": "cosine", "min_lr_ratio": 0.1}
+    assert lr_multiplier(0, **kw) == pytest.approx(0.1)
+    assert lr_multiplier(9, **kw) == pytest.approx(1.0)
+    assert lr_multiplier(60, **kw) == pytest.approx(0.55)
+    assert lr_multiplier(110, **kw) == pytest.approx(0.1)
+    assert lr_multiplier(500, **kw) == pytest.approx(0.1)
+    assert lr_multiplier(50, **{**kw, "kind": "constant"}) == 1.0
+
+
+def test_plain_engine_matches_torch_adamw_with_clipping() -> None:
+    cfg = load_config(SMOKE, ["optim.grad_clip=0.5", "schedule.warmup_steps=2", "run.steps=5", "engine.precision=fp32"])
+    arch = cfg.model.resolve().model_copy(update={"vocab_size": 64, "d_model": 16, "n_layers": 1, "n_heads": 2, "mlp_hidden": 32})
+    torch.manual_seed(0)
+    ours = DiffusionTransformer(arch)
+    ref = DiffusionTransformer(arch)
+    ref.load_state_dict(ours.state_dict())
+    engine = PlainEngine(ours, cfg, torch.device("cpu"))
+    decay = [p for p in ref.parameters() if p.ndim >= 2]
+    no_decay = [p for p in ref.parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.optim.lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, warmup_steps=2, total_steps=5, kind="cosine", min_lr_ratio=0.1)
+    )
+    x = torch.randint(0, 64, (2, 8))
+    for _ in range(5):
+        engine.backward(ours(x).pow(2).mean())
+        engine.step()
+        ref(x).pow(2).mean().backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 0.5)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
