@@ -290,7 +290,7 @@ def test_meta_build_materialises_like_a_direct_build() -> None:
         ({"n_layers": 0}, "greater than 0"),
         ({"vocab_size": -1}, "greater than 0"),
         ({"norm": "batch"}, "'rms' or 'layer'"),
-        ({"attention": "flash"}, "'sdpa' or 'math'"),
+        ({"attention": "flash3"}, "'auto', 'flash', 'sdpa', 'flex' or 'math'"),
         ({"dropout": 0.1}, "Extra inputs are not permitted"),
     ],
 )

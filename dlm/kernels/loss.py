@@ -5,15 +5,22 @@ would dwarf the activations of an 8B model. Callers gather the masked rows first
 them in chunks, and for each chunk computes logits, loss and all gradients at once, so at most one chunk of
 logits is alive at any time (the idea of Liger's fused linear cross-entropy). The backward pass only scales
 the gradients computed in the forward pass.
+
+On CUDA with liger-kernel installed, ``impl="auto"`` hands the work to Liger's Triton kernel instead
+(:mod:`dlm.kernels.liger`), which computes the same sum.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from dlm.kernels.liger import liger_masked_lm_loss, liger_unsupported
+
+LossImpl = Literal["auto", "chunked", "liger"]
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -39,51 +46,70 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         token_weights: Tensor,
         chunk_size: int,
     ) -> Tensor:
-        n_rows = hidden.shape[0]
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         need_tw = ctx.needs_input_grad[4]
         need_grads = need_h or need_w or need_b
 
         # Under autocast the matmuls run in the autocast dtype, as nn.Linear would; otherwise in the inputs'.
-        device_type = hidden.device.type
-        compute_dtype = _autocast_dtype(device_type) or torch.promote_types(hidden.dtype, weight.dtype)
-        with _autocast_off(device_type):
+        device = hidden.device
+        compute_dtype = _autocast_dtype(device.type) or torch.promote_types(hidden.dtype, weight.dtype)
+        # In fp32 every product lands straight in a preallocated buffer (mm out=, addmm_): on CPU a fresh
+        # [chunk, V] or [V, d] allocation is served by new pages whose first-touch faults cost as much as
+        # the arithmetic on them, so buffers are reused for the whole call instead of allocated per chunk.
+        fp32 = compute_dtype == torch.float32
+        with _autocast_off(device.type):
             w = weight.to(compute_dtype)
             bias32 = bias.float() if bias is not None else None
             # fp32 accumulators: summing many bf16 chunk contributions would lose the small ones. For a bf16
             # head this costs one fp32 [V, d] buffer during the forward pass; the saved gradient is cast back.
-            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-            grad_hidden = torch.empty_like(hidden) if need_h else None
+            loss = torch.zeros((), dtype=torch.float32, device=device)
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_h else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            row_losses = torch.empty(n_rows, dtype=torch.float32, device=hidden.device) if need_tw else None
+            row_losses = torch.empty(n_rows, dtype=torch.float32, device=device) if need_tw else None
+            logits_buffer = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=device)
 
             for start in range(0, n_rows, chunk_size):
                 end = min(start + chunk_size, n_rows)
                 h = hidden[start:end].to(compute_dtype)
                 tgt = targets[start:end]
                 tw = token_weights[start:end].float()
-                logits = (h @ w.T).float()
+                logits = logits_buffer[: end - start]
+                if fp32:
+                    torch.mm(h, w.T, out=logits)
+                else:
+                    logits.copy_(h @ w.T)
                 if bias32 is not None:
                     logits += bias32
-                lse = torch.logsumexp(logits, dim=-1)
-                ce = lse - logits.gather(1, tgt[:, None]).squeeze(1)
+                # ce = logsumexp - target logit, with the exponentials left in the buffer for the gradient.
+                target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
+                row_max = logits.amax(dim=1, keepdim=True)
+                probs = logits.sub_(row_max).exp_()
+                total = probs.sum(dim=1, keepdim=True)
+                ce = (row_max + total.log()).squeeze(1) - target_logit
                 loss += (ce * tw).sum()
                 if row_losses is not None:
                     row_losses[start:end] = ce
                 if not need_grads:
                     continue
-                # d(ce)/d(logits) = softmax - one_hot, built in place over the logits buffer.
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits[torch.arange(end - start, device=tgt.device), tgt] -= 1.0
-                grad_logits *= tw[:, None]
+                # d(ce)/d(logits) = softmax - one_hot, weighted per row, built in place over the buffer.
+                grad_logits = probs.mul_(tw[:, None] / total)
+                grad_logits[torch.arange(end - start, device=device), tgt] -= tw
                 if grad_bias is not None:
                     grad_bias += grad_logits.sum(dim=0)
-                g = grad_logits.to(compute_dtype)
+                g = grad_logits if fp32 else grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
-                    grad_hidden[start:end] = g @ w
+                    if fp32 and grad_hidden.dtype == torch.float32:
+                        torch.mm(g, w, out=grad_hidden[start:end])
+                    else:
+                        grad_hidden[start:end] = g @ w
                 if grad_weight is not None:
-                    grad_weight += g.T @ h
+                    if fp32:
+                        grad_weight.addmm_(g.T, h)
+                    else:
+                        grad_weight += g.T @ h
+            del logits_buffer
 
         ctx.save_for_backward(
             grad_hidden,
@@ -96,12 +122,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        # Scaled in place: a [V, d] copy would double the memory the head's gradient needs. Autograd's
+        # version check turns a second backward through the same graph (retain_graph) into an error, never
+        # into doubly scaled gradients.
         grad_hidden, grad_weight, grad_bias, row_losses = ctx.saved_tensors
         scale = grad_output.detach()
         return (
-            grad_hidden * scale.to(grad_hidden.dtype) if grad_hidden is not None else None,
-            grad_weight * scale.to(grad_weight.dtype) if grad_weight is not None else None,
-            grad_bias * scale.to(grad_bias.dtype) if grad_bias is not None else None,
+            grad_hidden.mul_(scale.to(grad_hidden.dtype)) if grad_hidden is not None else None,
+            grad_weight.mul_(scale.to(grad_weight.dtype)) if grad_weight is not None else None,
+            grad_bias.mul_(scale.to(grad_bias.dtype)) if grad_bias is not None else None,
             None,
             (row_losses * scale).to(ctx.token_weights_dtype) if row_losses is not None else None,
             None,
@@ -115,6 +144,8 @@ def masked_lm_loss(
     token_weights: Tensor | None = None,
     bias: Tensor | None = None,
     chunk_size: int = 4096,
+    *,
+    impl: LossImpl = "auto",
 ) -> Tensor:
     """Sum over rows of ``token_weights[i] * cross_entropy(hidden[i] @ weight.T + bias, targets[i])``.
 
@@ -122,6 +153,10 @@ def masked_lm_loss(
     head ``[V, d]``; ``token_weights`` defaults to ones (LLaDA passes ``1 / p_mask``). Logits exist one
     chunk of ``chunk_size`` rows at a time, in fp32 for the softmax. Returns an fp32 scalar; gradients come
     back in the dtypes of the inputs. ``N == 0`` gives 0 with zero gradients, still attached to the graph.
+
+    ``impl``: ``chunked`` is the kernel above; ``liger`` is Liger's fused linear cross-entropy (CUDA,
+    liger-kernel installed; it picks its own chunking); ``auto`` takes Liger where it can run and the
+    chunked kernel everywhere else.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
@@ -132,14 +167,22 @@ def masked_lm_loss(
         raise ValueError(f"targets must have shape [N] = [{n_rows}], got {tuple(targets.shape)}")
     if targets.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"targets must be an integer tensor, got {targets.dtype}")
-    if token_weights is None:
-        token_weights = torch.ones(n_rows, dtype=torch.float32, device=hidden.device)
-    elif token_weights.shape != (n_rows,):
+    if token_weights is not None and token_weights.shape != (n_rows,):
         raise ValueError(f"token_weights must have shape [N] = [{n_rows}], got {tuple(token_weights.shape)}")
     if bias is not None and bias.shape != (vocab,):
         raise ValueError(f"bias must have shape [V] = [{vocab}], got {tuple(bias.shape)}")
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be > 0, got {chunk_size}")
+    if impl not in ("auto", "chunked", "liger"):
+        raise ValueError(f"unknown loss impl {impl!r}; allowed: auto, chunked, liger")
+    if impl != "chunked":
+        reason = liger_unsupported(hidden, token_weights)
+        if reason is None:
+            return liger_masked_lm_loss(hidden, weight, targets.long(), token_weights, bias)
+        if impl == "liger":
+            raise ValueError(f"impl='liger' cannot run: {reason}")
+    if token_weights is None:
+        token_weights = torch.ones(n_rows, dtype=torch.float32, device=hidden.device)
     if not torch.is_grad_enabled():
         # Function.apply still reports needs_input_grad under no_grad; detaching skips the gradient work (eval).
         hidden, weight, token_weights = hidden.detach(), weight.detach(), token_weights.detach()

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dlm.modeling.length_head import LengthHeadConfig
+
 
 class TransformerConfig(BaseModel):
     """Architecture of a :class:`~dlm.modeling.transformer.DiffusionTransformer`.
@@ -33,7 +35,12 @@ class TransformerConfig(BaseModel):
     bias: bool = False
     tie_embeddings: bool = False
     init_std: float = Field(default=0.02, gt=0)
-    attention: Literal["sdpa", "math"] = "sdpa"
+    # Attention kernel (dlm.kernels.attention): auto = flash-attn on CUDA when installed, else SDPA.
+    attention: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
+    # torch.compile each transformer block (fuses norms, RoPE and the MLP's elementwise ops; on CUDA).
+    compile: bool = False
+    # The jointly trained length/EOS head (dlm.modeling.length_head); absent unless configured.
+    length_head: LengthHeadConfig | None = None
 
     @model_validator(mode="after")
     def _check_head_layout(self) -> TransformerConfig:

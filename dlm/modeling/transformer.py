@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dlm.kernels import attention
+from dlm.kernels import BACKENDS, AttentionMask, attention, compute_dtype, resolve_backend
 from dlm.modeling.config import TransformerConfig
+from dlm.modeling.length_head import LengthHead
 
 
 def _norm(cfg: TransformerConfig) -> nn.Module:
@@ -97,7 +98,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.d_model, kv_width, bias=cfg.bias)
         self.o_proj = nn.Linear(q_width, cfg.d_model, bias=cfg.bias)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, doc_ids: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: AttentionMask | None, backend: str
+    ) -> Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(b, t, self.cfg.n_heads, hd).transpose(1, 2)
@@ -105,7 +108,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.cfg.kv_heads, hd).transpose(1, 2)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        out = attention(q, k, v, doc_ids=doc_ids, backend=self.cfg.attention)
+        out = attention(q, k, v, mask=mask, backend=backend)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.cfg.n_heads * hd))
 
 
@@ -137,8 +140,10 @@ class Block(nn.Module):
         self.mlp_norm = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, doc_ids: Tensor | None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), rope, doc_ids)
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None, mask: AttentionMask | None, backend: str
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), rope, mask, backend)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -154,8 +159,19 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
+        self.length_head: LengthHead | None = None
+        if cfg.compile:
+            # Per block, not the whole model: one compiled graph serves every layer, compile time does not
+            # grow with depth, and parameter names stay unchanged (checkpoints, DeepSpeed, HF interop).
+            for block in self.blocks:
+                block.compile()
         if not self.embed.weight.is_meta:
             self.init_weights()
+        head = cfg.length_head
+        if head is not None and head.enabled:
+            # Built (and initialised by itself) after the backbone, so the backbone draws the same weights from
+            # the same seed with or without a length head.
+            self.length_head = LengthHead(cfg.d_model, head, init_std=cfg.init_std)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -182,14 +198,23 @@ class DiffusionTransformer(nn.Module):
                     nn.init.zeros_(module.bias)
         if self.rope is not None:
             self.rope.reset()
+        if self.length_head is not None:
+            self.length_head.init_weights(std)
 
     def forward(
-        self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None
+        self,
+        input_ids: Tensor,
+        doc_ids: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Final-normed hidden states ``[B, T, d_model]`` for ``input_ids [B, T]``.
 
         ``doc_ids [B, T]`` confines attention to tokens of the same document in the same row (packing);
-        ``position_ids [B, T]`` default to ``arange(T)`` in every row.
+        ``position_ids [B, T]`` default to ``arange(T)`` in every row. ``attn_mask`` (bool ``[T, T]`` or
+        ``[B, T, T]``, True = may attend) further restricts attention, e.g. the annealed causal mask of an
+        AR-adapted model (:func:`dlm.kernels.annealed_mask`); only the sdpa, flex and math backends take it.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape [B, T], got {tuple(input_ids.shape)}")
@@ -211,8 +236,20 @@ class DiffusionTransformer(nn.Module):
         elif self.rope is not None:
             rope = self.rope(t, input_ids.device, position_ids)
 
+        # The backend and its form of the mask are settled once here, outside the (possibly compiled) blocks:
+        # building cu_seqlens or a BlockMask costs a host sync or a mask evaluation, shared by every layer.
+        mask = AttentionMask.build(doc_ids, attn_mask)
+        backend = resolve_backend(
+            self.cfg.attention,
+            x.device,
+            compute_dtype(x.device, self.blocks[0].attn.q_proj.weight.dtype),
+            head_dim=self.cfg.head_dim,
+            any_mask=attn_mask is not None,
+        )
+        if mask is not None:
+            BACKENDS[backend].prepare(mask)
         for block in self.blocks:
-            x = block(x, rope, doc_ids)
+            x = block(x, rope, mask, backend)
         return self.final_norm(x)
 
     @property
