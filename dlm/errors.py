@@ -15,3 +15,7 @@ class DataError(UserError):
 
 class TokenizerError(UserError):
     """The tokenizer cannot be loaded or lacks a token the objective needs."""
+
+
+class GenerationError(UserError):
+    """A generation request cannot be served: a bad length spec or sampler setting, or a model without a head."""

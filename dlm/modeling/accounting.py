@@ -8,6 +8,7 @@ module for every preset.
 from __future__ import annotations
 
 from dlm.modeling.config import TransformerConfig
+from dlm.modeling.length_head import length_head_param_count
 
 
 def _block_params(cfg: TransformerConfig) -> int:
@@ -32,9 +33,11 @@ def non_embedding_param_count(cfg: TransformerConfig) -> int:
     """Parameters excluding the token embedding, learned position embedding and untied LM head.
 
     This is the N of the ``6N`` FLOP rule: those tables are looked up (or, for the head, applied only to
-    masked positions) rather than multiplied on every token.
+    masked positions) rather than multiplied on every token. The length head, when configured, is included:
+    its EOS classifier runs on every token.
     """
-    return cfg.n_layers * _block_params(cfg) + _norm_params(cfg)
+    head = length_head_param_count(cfg.d_model, cfg.length_head)
+    return cfg.n_layers * _block_params(cfg) + _norm_params(cfg) + head
 
 
 def param_count(cfg: TransformerConfig) -> int:

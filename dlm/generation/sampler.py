@@ -1,0 +1,435 @@
+"""LLaDA sampling over per-sample canvases: low-confidence or random remasking, semi-autoregressive blocks,
+unsupervised classifier-free guidance, Gumbel-noise temperature, stop at EOS, budgets that extend.
+
+One denoising step, as in LLaDA's ``generate()``: logits of the canvas (guided when ``cfg_scale > 0``) →
+Gumbel noise (``exp(logits) / (-log u)^temperature`` in float64, ``u`` drawn for the whole row, prompt
+included, so a seeded run consumes random numbers exactly as LLaDA does) → ``x0 = argmax`` → confidence
+(softmax probability of ``x0`` in float64 for ``low_confidence``, uniform noise for ``random``) → positions past
+the current block and already committed positions get ``-inf`` → the ``k`` most confident masked positions
+of each row take their ``x0``, with ``k`` from :func:`num_transfer_tokens`. For one group of equal-length
+prompts and canvases, with ``stop_at_eos=False``, this commits exactly what LLaDA's reference commits, step
+for step (``tests/test_generation.py``).
+
+What differs, on purpose:
+
+- **Per-sample canvases.** Samples are grouped by canvas length (and block schedule); a group runs as one
+  left-padded batch, so a sample with a 32-token canvas never pays for a 1024-token one. Cost is counted per
+  sample as the tokens its rows actually ran: padded prompt + canvas, twice with guidance.
+- **Stop at EOS.** A sample is done as soon as its canvas holds a committed EOS at position ``e`` and every
+  position before ``e`` is committed: the answer is ``canvas[:e]``, positions from ``e`` on are set to EOS,
+  and the sample leaves the batch. (A committed EOS with masked positions before it does not stop the
+  sample: those positions still need filling.)
+- **Extension.** When a canvas is fully committed without an EOS and extension is on, it grows to the next
+  power of two (capped at ``max_length``) and the new masked tail is denoised as further blocks, at the same
+  steps-per-token rate as the sample's first canvas.
+- **No empty passes.** A block never gets more steps than it has positions; LLaDA would run the extra steps
+  as passes that commit nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dlm.errors import GenerationError
+from dlm.generation.budget import (
+    BudgetPrediction,
+    FixedLength,
+    LengthSpec,
+    PredictedLength,
+    extend_budget,
+    length_head_of,
+    parse_length,
+    predict_budgets,
+)
+from dlm.generation.rows import Denoiser, canvas_logits, model_device, pack_rows
+
+Remasking = Literal["low_confidence", "random"]
+Block = tuple[int, int, int]  # (start, end, steps) in canvas positions
+LengthArg = int | str | LengthSpec | Sequence[int] | Callable[[list[int]], int]
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What one denoising step committed for one sample (canvas positions, ascending, and their tokens)."""
+
+    sample: int
+    step: int
+    positions: list[int]
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Answers and what they cost, per sample in prompt order.
+
+    ``answers`` are the canvases cut at the first EOS (EOS excluded); ``canvases`` the final canvases;
+    ``finished`` is False for a sample whose canvas filled without an EOS at its largest allowed size.
+    ``budgets`` are the first canvases, ``canvas_lengths`` the last (after extensions); ``bounds`` the length
+    head's bounds when budgets were predicted. ``steps`` counts each sample's denoising steps,
+    ``forward_tokens`` the tokens its rows ran through the model (padded prompt + canvas per step, twice with
+    guidance), ``canvas_tokens`` the canvas part of that (forward passes × canvas tokens), and
+    ``prediction_tokens`` its row in the length-prediction pass. ``forward_passes`` counts model calls,
+    prediction included; ``wall_time_s`` is the whole call.
+    """
+
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    canvases: list[list[int]]
+    finished: list[bool]
+    budgets: list[int]
+    canvas_lengths: list[int]
+    bounds: list[int] | None
+    steps: list[int]
+    forward_tokens: list[int]
+    canvas_tokens: list[int]
+    prediction_tokens: list[int]
+    forward_passes: int
+    wall_time_s: float
+
+    @property
+    def total_forward_tokens(self) -> int:
+        """All tokens run through the model: denoising steps plus the prediction pass."""
+        return sum(self.forward_tokens) + sum(self.prediction_tokens)
+
+
+def num_transfer_tokens(mask_counts: Tensor, steps: int) -> Tensor:
+    """Tokens to commit per row and step, ``[n, steps]``: ``count // steps`` each, the remainder spread one
+    apiece over the first steps (LLaDA's ``get_num_transfer_tokens``)."""
+    counts = mask_counts.to(torch.long).reshape(-1, 1)
+    plan = (counts // steps).repeat(1, steps)
+    remainder = counts % steps
+    plan += (torch.arange(steps, device=counts.device)[None, :] < remainder).to(torch.long)
+    return plan
+
+
+def block_schedule(start: int, end: int, steps: int, block_length: int | None) -> tuple[Block, ...]:
+    """Blocks of ``block_length`` (the whole span when None) over canvas positions ``[start, end)``.
+
+    Each block gets its proportional share of ``steps``, rounded, at least 1 and at most its size: equal
+    blocks with ``steps`` divisible by their number get ``steps // n_blocks`` each, as in LLaDA; a last block
+    that is shorter gets fewer.
+    """
+    span = end - start
+    size = min(block_length or span, span)
+    blocks = []
+    for b0 in range(start, end, size):
+        b1 = min(b0 + size, end)
+        share = (steps * (b1 - b0) + span // 2) // span
+        blocks.append((b0, b1, max(1, min(share, b1 - b0))))
+    return tuple(blocks)
+
+
+@dataclass
+class _Sample:
+    index: int
+    prompt: Tensor
+    canvas: Tensor
+    budget: int
+    steps_per_token: float | None
+    schedule: tuple[Block, ...]
+    steps: int = 0
+    forward_tokens: int = 0
+    canvas_tokens: int = 0
+    done: bool = False
+    finished: bool = False
+
+    @property
+    def key(self) -> tuple[int, tuple[Block, ...]]:
+        return int(self.canvas.numel()), self.schedule
+
+
+@dataclass
+class _Context:
+    model: Denoiser
+    mask_id: int
+    eos_id: int
+    pad_id: int
+    temperature: float
+    remasking: Remasking
+    cfg_scale: float
+    generator: torch.Generator | None
+    stop_at_eos: bool
+    on_step: Callable[[StepRecord], None] | None
+    device: torch.device
+    passes: int = field(default=0)
+
+
+def _step(samples: list[_Sample], k: Tensor, block_end: int, ctx: _Context) -> None:
+    """One denoising step for a group of samples sharing canvas length and block: commit ``k[j]`` tokens."""
+    rows = pack_rows([s.prompt for s in samples], [s.canvas for s in samples], ctx.pad_id)
+    logits = canvas_logits(ctx.model, rows, cfg_scale=ctx.cfg_scale, mask_id=ctx.mask_id)
+    ctx.passes += 1
+    n, width = rows.input_ids.shape
+    start = rows.prompt_width
+    if ctx.temperature > 0:
+        u = torch.rand((n, width, logits.shape[-1]), dtype=torch.float64, generator=ctx.generator, device=ctx.device)
+        gumbel = (-torch.log(u[:, start:])) ** ctx.temperature
+        x0 = (logits.to(torch.float64).exp() / gumbel).argmax(dim=-1)
+    else:
+        x0 = logits.argmax(dim=-1)
+    if ctx.remasking == "low_confidence":
+        probs = F.softmax(logits.to(torch.float64), dim=-1)
+        confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+    else:
+        confidence = torch.rand((n, width), generator=ctx.generator, device=ctx.device)[:, start:]
+    canvas = rows.input_ids[:, start:]
+    masked = canvas == ctx.mask_id
+    confidence[:, block_end:] = -math.inf
+    confidence = torch.where(masked, confidence, -math.inf)
+    # Never more than the open positions of the block (LLaDA's plans never ask for more; this keeps topk from
+    # ever picking a -inf, i.e. already committed, position).
+    k = torch.minimum(k.to(confidence.device), torch.isfinite(confidence).sum(dim=1))
+    commit = torch.zeros_like(masked)
+    for j, kj in enumerate(k.tolist()):
+        if kj > 0:
+            commit[j, torch.topk(confidence[j], k=kj).indices] = True
+    canvas = torch.where(commit, x0, canvas)
+
+    guided = 2 if ctx.cfg_scale > 0 else 1
+    for j, s in enumerate(samples):
+        s.canvas = canvas[j]
+        if ctx.on_step is not None:
+            positions = commit[j].nonzero().flatten()
+            ctx.on_step(StepRecord(s.index, s.steps, positions.tolist(), canvas[j, positions].tolist()))
+        s.steps += 1
+        s.forward_tokens += width * guided
+        s.canvas_tokens += int(canvas.shape[1]) * guided
+    if ctx.stop_at_eos:
+        _stop_at_eos(samples, canvas, ctx)
+
+
+def _first_eos(canvas: Tensor, eos_id: int) -> Tensor:
+    """Index of the first EOS per row, ``C`` where a row has none."""
+    is_eos = canvas == eos_id
+    first = is_eos.to(torch.int8).argmax(dim=1)
+    return torch.where(is_eos.any(dim=1), first, torch.full_like(first, canvas.shape[1]))
+
+
+def _stop_at_eos(samples: list[_Sample], canvas: Tensor, ctx: _Context) -> None:
+    """Mark done every sample whose first committed EOS has only committed positions before it."""
+    first = _first_eos(canvas, ctx.eos_id)
+    cols = torch.arange(canvas.shape[1], device=canvas.device)[None, :]
+    open_before = ((canvas == ctx.mask_id) & (cols < first[:, None])).any(dim=1)
+    stop = (first < canvas.shape[1]) & ~open_before
+    for j in stop.nonzero().flatten().tolist():
+        s = samples[j]
+        s.canvas = s.canvas.clone()
+        s.canvas[int(first[j]) :] = ctx.eos_id
+        s.done = s.finished = True
+
+
+def _run_group(group: list[_Sample], ctx: _Context) -> None:
+    """Run the (shared) block schedule of a group of samples, dropping samples as they finish."""
+    for b0, b1, bsteps in group[0].schedule:
+        live = [s for s in group if not s.done]
+        if not live:
+            break
+        counts = torch.stack([(s.canvas[b0:b1] == ctx.mask_id).sum() for s in live])
+        plan = num_transfer_tokens(counts, bsteps)
+        for i in range(bsteps):
+            rows = [j for j, s in enumerate(live) if not s.done]
+            if not rows:
+                break
+            k = plan[rows, i]
+            if int(k.sum()) == 0:
+                continue
+            _step([live[j] for j in rows], k, b1, ctx)
+    for s in group:
+        s.schedule = ()
+
+
+def _settle(s: _Sample, *, extend: bool, max_length: int, block_length: int | None, mask_id: int, eos_id: int) -> bool:
+    """After a schedule: finish the sample, or extend its canvas (returns True when it needs another group)."""
+    if s.done:
+        return False
+    if bool((s.canvas == eos_id).any()):
+        s.done = s.finished = True
+        return False
+    grown = extend_budget(int(s.canvas.numel()), max_length) if extend else None
+    if grown is None:
+        s.done = True
+        return False
+    old = int(s.canvas.numel())
+    tail = grown - old
+    s.canvas = torch.cat([s.canvas, torch.full((tail,), mask_id, dtype=torch.long, device=s.canvas.device)])
+    steps = tail if s.steps_per_token is None else max(1, math.ceil(s.steps_per_token * tail))
+    s.schedule = block_schedule(old, grown, steps, block_length)
+    return True
+
+
+def _prompt_tensors(prompts: Sequence[Sequence[int]] | Tensor, prompt_mask: Tensor | None,
+                    device: torch.device) -> list[Tensor]:
+    if isinstance(prompts, Tensor):
+        if prompts.dim() != 2:
+            raise GenerationError(f"a prompt tensor must be [B, P], got shape {tuple(prompts.shape)}")
+        if prompt_mask is not None and prompt_mask.shape != prompts.shape:
+            raise GenerationError(f"prompt_mask {tuple(prompt_mask.shape)} must match prompts {tuple(prompts.shape)}")
+        rows = list(prompts) if prompt_mask is None else [p[m.to(torch.bool)] for p, m in zip(prompts, prompt_mask)]
+        return [r.to(device=device, dtype=torch.long) for r in rows]
+    if prompt_mask is not None:
+        raise GenerationError("prompt_mask applies to a padded prompt tensor; lists of prompts need no mask")
+    return [torch.tensor(list(p), dtype=torch.long, device=device) for p in prompts]
+
+
+def _check_settings(steps: int | None, block_length: int | None, temperature: float, remasking: str,
+                    cfg_scale: float, mask_id: int, eos_id: int, batch_size: int | None) -> None:
+    problems = []
+    if steps is not None and steps < 1:
+        problems.append(f"steps must be >= 1, got {steps}")
+    if block_length is not None and block_length < 1:
+        problems.append(f"block_length must be >= 1, got {block_length}")
+    if temperature < 0:
+        problems.append(f"temperature must be >= 0, got {temperature}")
+    if cfg_scale < 0:
+        problems.append(f"cfg_scale must be >= 0, got {cfg_scale}")
+    if remasking not in get_args(Remasking):
+        problems.append(f"remasking must be one of {', '.join(get_args(Remasking))}, got {remasking!r}")
+    if mask_id == eos_id:
+        problems.append(f"mask_id and eos_id must differ, both are {mask_id}")
+    if batch_size is not None and batch_size < 1:
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if problems:
+        raise GenerationError("; ".join(problems))
+
+
+def _resolve_budgets(
+    length: LengthArg, model: Denoiser, prompts: list[Tensor], *, mask_id: int, pad_id: int,
+    batch_size: int | None,
+) -> tuple[list[int], BudgetPrediction | None, int | None]:
+    """Each sample's first canvas, the prediction (predicted budgets only) and the head's max length."""
+    if isinstance(length, (str, FixedLength, PredictedLength)):
+        spec = parse_length(length)
+        if isinstance(spec, FixedLength):
+            return [spec.tokens] * len(prompts), None, None
+        prediction = predict_budgets(model, prompts, spec, mask_id=mask_id, pad_id=pad_id, batch_size=batch_size)
+        return prediction.budgets, prediction, length_head_of(model).cfg.max_len
+    if isinstance(length, int):
+        budgets = [length] * len(prompts)
+    elif callable(length):
+        budgets = [int(length(p.tolist())) for p in prompts]
+    else:
+        budgets = [int(b) for b in length]
+        if len(budgets) != len(prompts):
+            raise GenerationError(f"got {len(budgets)} budgets for {len(prompts)} prompts; give one per prompt")
+    if any(b < 1 for b in budgets):
+        raise GenerationError(f"every canvas needs at least 1 position, got budgets {budgets}")
+    return budgets, None, None
+
+
+def _check_fits(model: Denoiser, prompts: list[Tensor], max_canvas: int) -> None:
+    cfg = getattr(model, "cfg", None)
+    if getattr(cfg, "positions", None) == "learned":
+        longest = max(p.numel() for p in prompts) + max_canvas
+        if longest > cfg.max_seq_len:  # type: ignore[union-attr]
+            raise GenerationError(
+                f"prompt + canvas reaches {longest} tokens but this model's learned positions stop at "
+                f"{cfg.max_seq_len}; use shorter prompts or a smaller length/max_length"  # type: ignore[union-attr]
+            )
+
+
+@torch.no_grad()
+def generate(
+    model: Denoiser,
+    prompts: Sequence[Sequence[int]] | Tensor,
+    *,
+    mask_id: int,
+    eos_id: int,
+    length: LengthArg = 128,
+    steps: int | None = None,
+    block_length: int | None = None,
+    temperature: float = 0.0,
+    remasking: Remasking = "low_confidence",
+    cfg_scale: float = 0.0,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    stop_at_eos: bool = True,
+    extend: bool | None = None,
+    max_length: int | None = None,
+    pad_id: int | None = None,
+    prompt_mask: Tensor | None = None,
+    batch_size: int | None = None,
+    on_step: Callable[[StepRecord], None] | None = None,
+) -> GenerationResult:
+    """Sample an answer for every prompt with LLaDA's diffusion sampler (see the module docstring).
+
+    ``prompts``: lists of token ids, or a ``[B, P]`` tensor (with ``prompt_mask`` marking the real tokens of
+    a padded one). ``length``: the canvas per sample — an int, a budget per prompt, a callable from prompt ids
+    to a budget, or a spec ``fixed:N`` / ``predicted[:q[:head]]`` (:func:`~dlm.generation.budget.parse_length`;
+    predicted budgets run the length head once first). ``steps``: denoising steps for a sample's first canvas
+    (default: one per canvas position, LLaDA's recommended setting); extensions keep that steps-per-token rate.
+    ``block_length``: semi-autoregressive blocks (default: the whole canvas is one block). ``extend`` (default:
+    on for predicted budgets only) grows a canvas that fills without an EOS to the next power of two, up to
+    ``max_length`` (default: the head's ``max_len`` for predicted budgets, which it also caps; else the largest
+    budget). ``stop_at_eos=False`` runs every schedule to the end, as LLaDA's reference does.
+    ``generator`` (or ``seed``) drives the Gumbel and random-remasking noise; ``pad_id`` (default: EOS) fills
+    left padding, which attention ignores. ``batch_size`` caps the rows per forward pass; ``on_step`` receives
+    a :class:`StepRecord` for every sample at every step.
+    """
+    started = time.perf_counter()
+    _check_settings(steps, block_length, temperature, remasking, cfg_scale, mask_id, eos_id, batch_size)
+    device = model_device(model)
+    prompt_list = _prompt_tensors(prompts, prompt_mask, device)
+    if not prompt_list:
+        raise GenerationError("no prompts to generate from")
+    pad = eos_id if pad_id is None else pad_id
+    budgets, prediction, head_max = _resolve_budgets(
+        length, model, prompt_list, mask_id=mask_id, pad_id=pad, batch_size=batch_size
+    )
+    extending = (prediction is not None) if extend is None else extend
+    cap = max_length or head_max or max(budgets)
+    if prediction is not None:
+        budgets = [min(b, cap) for b in budgets]  # an explicit max_length also caps the predicted budgets
+    if extending and any(b > cap for b in budgets):
+        raise GenerationError(f"budgets {budgets} exceed max_length {cap}; raise max_length or lower the budgets")
+    _check_fits(model, prompt_list, max(cap, *budgets))
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ctx = _Context(model, mask_id, eos_id, pad, temperature, remasking, cfg_scale, generator, stop_at_eos,
+                   on_step, device)
+
+    samples = []
+    for i, (prompt, budget) in enumerate(zip(prompt_list, budgets)):
+        n_steps = budget if steps is None else steps
+        samples.append(_Sample(
+            index=i, prompt=prompt, canvas=torch.full((budget,), mask_id, dtype=torch.long, device=device),
+            budget=budget, steps_per_token=None if steps is None else steps / budget,
+            schedule=block_schedule(0, budget, n_steps, block_length),
+        ))
+    queue: dict[tuple[int, tuple[Block, ...]], list[_Sample]] = {}
+    for s in samples:
+        queue.setdefault(s.key, []).append(s)
+    while queue:
+        group = queue.pop(min(queue))
+        group.sort(key=lambda s: s.prompt.numel())  # stable: similar prompt lengths share a batch, less padding
+        size = batch_size or len(group)
+        for start in range(0, len(group), size):
+            _run_group(group[start : start + size], ctx)
+        for s in group:
+            if _settle(s, extend=extending, max_length=cap, block_length=block_length, mask_id=mask_id, eos_id=eos_id):
+                queue.setdefault(s.key, []).append(s)
+
+    canvases = [s.canvas.tolist() for s in samples]
+    answers = [c[: c.index(eos_id)] if eos_id in c else c for c in canvases]
+    return GenerationResult(
+        prompts=[p.tolist() for p in prompt_list],
+        answers=answers,
+        canvases=canvases,
+        finished=[s.finished for s in samples],
+        budgets=budgets,
+        canvas_lengths=[len(c) for c in canvases],
+        bounds=None if prediction is None else prediction.bounds,
+        steps=[s.steps for s in samples],
+        forward_tokens=[s.forward_tokens for s in samples],
+        canvas_tokens=[s.canvas_tokens for s in samples],
+        prediction_tokens=[0] * len(samples) if prediction is None else prediction.forward_tokens,
+        forward_passes=ctx.passes + (0 if prediction is None else prediction.forward_passes),
+        wall_time_s=time.perf_counter() - started,
+    )
