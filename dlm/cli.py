@@ -18,7 +18,8 @@ def _train(args: argparse.Namespace) -> int:
     from dlm.config import load_config
     from dlm.launcher import run_local
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides) + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
     summary = run_local(cfg)
     print(json.dumps(summary, indent=2))
     print(f"run directory: {cfg.run.dir}")
@@ -47,6 +48,230 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from dlm.modeling.hf_export import export
+
+    shard_size = int(args.max_shard_size) if args.max_shard_size.isdigit() else args.max_shard_size
+    result = export(
+        args.source,
+        args.out_dir,
+        dtype=args.dtype,
+        max_shard_size=shard_size,
+        format=args.format,
+        tokenizer=args.tokenizer,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"exported {result.num_tensors} tensors ({result.total_size / 1e9:.3f} GB, {result.dtype}, "
+        f"{result.format} names) in {len(result.shards)} shard(s) to {result.out_dir}"
+    )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from dlm.modeling.hf_import import import_pretrained, save_imported
+
+    imported = import_pretrained(
+        args.source,
+        expect=args.source_type,
+        add_mask_token=args.add_mask_token,
+        mask_token=args.mask_token,
+        require_mask=True,
+    )
+    out = save_imported(imported, args.out_dir, overwrite=args.overwrite)
+    for action in imported.actions:
+        print(f"- {action}")
+    print(f"imported {imported.model_type} as a dlm model ({imported.config.vocab_size} vocab rows) into {out}")
+    return 0
+
+
+def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    export = sub.add_parser("export", help="write a run or checkpoint as Hugging Face sharded safetensors")
+    export.add_argument("source", help="run directory, checkpoint directory or `dlm import` output")
+    export.add_argument("out_dir", help="new directory to write (created atomically)")
+    export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    export.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB or bytes")
+    export.add_argument("--format", choices=["dlm", "llada"], default="dlm", help="dlm names or LLaDA-8B's names")
+    export.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the run's)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    export.set_defaults(func=_export)
+
+    imp = sub.add_parser("import", help="turn a Hugging Face LLaDA / LLaMA / GPT-2 / dlm checkpoint into a dlm model")
+    imp.add_argument("source", help="local directory with config.json, safetensors weights and tokenizer files")
+    imp.add_argument("out_dir", help="new directory for model.safetensors, model_config.json and the tokenizer")
+    imp.add_argument("--from", dest="source_type", choices=["llada", "llama", "gpt2", "dlm"], default=None,
+                     help="expected model_type (default: whatever config.json says)")
+    imp.add_argument("--add-mask-token", action="store_true",
+                     help="add <|mdm_mask|> (or --mask-token) when the vocabulary has no mask token")
+    imp.add_argument("--mask-token", default=None, help="use this token as the mask token")
+    imp.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
+    imp.set_defaults(func=_import)
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from dlm.data_streams import load_tokenizer, prepare_shards
+
+    tokenizer = load_tokenizer(args.tokenizer, args.mask_token)
+    index = prepare_shards(
+        args.source,
+        args.out_dir,
+        tokenizer,
+        shard_tokens=args.shard_tokens,
+        workers=args.workers,
+        text_column=args.text_column,
+        hub_config=args.hub_config,
+        hub_split=args.hub_split,
+        max_docs=args.max_docs,
+    )
+    print(
+        f"wrote {index['tokens']:,} tokens from {index['docs']:,} documents in {len(index['shards'])} {index['dtype']} "
+        f"shard(s) to {args.out_dir} in {index['seconds']:.1f} s"
+    )
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    from dlm.data_streams import format_stats, shard_stats
+
+    stats = shard_stats(args.out_dir)
+    print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
+    return 0
+
+
+def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    data = sub.add_parser("data", help="prepare token shards from text, and inspect them")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prepare = data_sub.add_parser("prepare", help="tokenize a source into uint16/uint32 token shards + index.json")
+    prepare.add_argument("source", help="file, directory or glob (parquet/jsonl/json/txt), or hf:OWNER/NAME")
+    prepare.add_argument("out_dir", help="new directory for shard_*.bin and index.json")
+    prepare.add_argument("--tokenizer", default="gpt2-mdm", help="local directory, bundled name or hub name")
+    prepare.add_argument("--mask-token", default=None, help="the mask token, when the tokenizer lacks one")
+    prepare.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard (about)")
+    prepare.add_argument("--workers", type=int, default=1, help="tokenizer processes (output is identical)")
+    prepare.add_argument("--text-column", default="text", help="column holding the text (not for .txt)")
+    prepare.add_argument("--hub-config", default=None, help="hub dataset config, e.g. sample-10BT")
+    prepare.add_argument("--hub-split", default="train", help="hub dataset split")
+    prepare.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
+    prepare.set_defaults(func=_data_prepare)
+    stats = data_sub.add_parser("stats", help="summarise a directory written by dlm data prepare")
+    stats.add_argument("out_dir", help="directory holding index.json")
+    stats.add_argument("--json", action="store_true", help="print one JSON object")
+    stats.set_defaults(func=_data_stats)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from dlm.generation import generate_text, load_for_generation, parse_length
+
+    loaded = load_for_generation(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    length = parse_length(args.length or ("predicted:0.9" if loaded.model.length_head is not None else "fixed:256"))
+    texts, result = generate_text(
+        loaded,
+        args.prompt,
+        template=args.template,
+        length=length,
+        steps=args.steps,
+        block_length=args.block_length,
+        temperature=args.temperature,
+        remasking=args.remasking,
+        cfg_scale=args.cfg_scale,
+        max_length=args.max_length,
+        seed=args.seed,
+    )
+    if args.json:
+        fields = {"budget": "budgets", "canvas_length": "canvas_lengths", "finished": "finished", "steps": "steps",
+                  "forward_tokens": "forward_tokens", "canvas_tokens": "canvas_tokens",
+                  "prediction_tokens": "prediction_tokens"}
+        rows = [{"prompt": p, "answer": t, **{k: getattr(result, f)[i] for k, f in fields.items()}}
+                for i, (p, t) in enumerate(zip(args.prompt, texts))]
+        print(json.dumps({"length": str(length), "samples": rows, "forward_passes": result.forward_passes,
+                          "total_forward_tokens": result.total_forward_tokens, "wall_time_s": result.wall_time_s}))
+        return 0
+    for i, text in enumerate(texts):
+        if len(texts) > 1:
+            print(f"--- answer {i + 1}")
+        print(text)
+    print(
+        f"# length {length}: budgets {result.budgets}, final canvases {result.canvas_lengths}, steps {result.steps}, "
+        f"{result.total_forward_tokens} forward tokens in {result.forward_passes} passes, {result.wall_time_s:.2f} s",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    gen = sub.add_parser("generate", help="sample answers from a trained run with the diffusion sampler")
+    gen.add_argument("run_dir", help="run directory (model.safetensors + model_config.json), checkpoint or import")
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text; repeat for a batch")
+    gen.add_argument("--length", default=None,
+                     help="fixed:N | predicted[:Q[:bucket|eos|max]] (default: predicted:0.9 with a length head, "
+                          "else fixed:256)")
+    gen.add_argument("--steps", type=int, default=None, help="denoising steps (default: one per canvas token)")
+    gen.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: canvas)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="Gumbel-noise temperature; 0 = greedy")
+    gen.add_argument("--cfg-scale", type=float, default=0.0, help="unsupervised classifier-free guidance scale")
+    gen.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
+    gen.add_argument("--max-length", type=int, default=None, help="largest canvas an extension may grow to")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    gen.add_argument("--template", choices=["raw", "plain", "chat"], default=None,
+                     help="prompt format (default: the run's SFT template, raw text for pretraining runs)")
+    gen.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the run's)")
+    gen.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    gen.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="cast the weights")
+    gen.add_argument("--json", action="store_true", help="print one JSON object with answers and costs")
+    gen.set_defaults(func=_generate)
+
+
+def _launch(args: argparse.Namespace) -> int:
+    from dlm.launcher.launch import launch, load_launch_config
+
+    cfg = load_launch_config(
+        args.config, args.overrides, workers=args.workers, ray_address=args.ray_address, max_failures=args.max_failures
+    )
+    if args.dry_run:
+        return _launch_dry_run(args, cfg)
+    summary = launch(cfg)
+    print(json.dumps(summary, indent=2))
+    print(f"run directory: {cfg.run.dir}")
+    return 0
+
+
+def _launch_dry_run(args: argparse.Namespace, cfg: object) -> int:
+    from dlm.launcher.dry_run import estimate, format_report, parse_size
+    from dlm.launcher.launch import check_inputs
+
+    world = args.world_size or args.workers or cfg.launcher.workers  # type: ignore[attr-defined]
+    tokens = parse_size(args.tokens) if args.tokens else None
+    report = estimate(cfg, world, parse_size(args.gpu_memory), tokens)  # type: ignore[arg-type]
+    notes = check_inputs(cfg)  # type: ignore[arg-type]
+    if args.json:
+        print(json.dumps({**report.as_dict(), "notes": notes}))
+    else:
+        print(format_report(report, args.config))
+        for note in notes:
+            print(f"note: {note}")
+    return 0 if report.fits else 1
+
+
+def _add_launch_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    launch = sub.add_parser(
+        "launch", help="train with N workers: local processes, or Ray Train on a cluster (--ray-address)"
+    )
+    launch.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
+    launch.add_argument("overrides", nargs="*", help="dotted overrides such as engine.zero_stage=3")
+    launch.add_argument("--workers", type=int, default=None, help="training processes (data-parallel world size)")
+    launch.add_argument("--ray-address", default=None,
+                        help="run on Ray: auto (the cluster of `ray start`), HOST:PORT, ray://HOST:PORT, or local")
+    launch.add_argument("--max-failures", type=int, default=None, help="Ray: restarts after worker failures (-1: no limit)")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="validate and print per-GPU memory at --world-size without starting workers "
+                             "(exit 0 fits, 1 does not)")
+    launch.add_argument("--world-size", type=int, default=None, help="dry run: the world size to plan for")
+    launch.add_argument("--gpu-memory", default="80GB", help="dry run: memory of one GPU, e.g. 80GB, 141GB")
+    launch.add_argument("--tokens", default=None, help="dry run: token budget, e.g. 2.3T (default: run.steps' worth)")
+    launch.add_argument("--json", action="store_true", help="dry run: print one JSON object")
+    launch.set_defaults(func=_launch)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Train masked diffusion language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train in this process from a YAML config")
     train.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides such as optim.lr=1e-3 run.dir=/tmp/r")
+    train.add_argument(
+        "--resume", default=None, metavar="auto|PATH", help="continue from the newest checkpoint of run.dir, or a path"
+    )
     train.set_defaults(func=_train)
 
     info = sub.add_parser("model-info", help="parameter count and training FLOPs of a preset")
@@ -62,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: max_seq_len)")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_model_info)
+    _add_data_parsers(sub)
+    _add_interop_parsers(sub)
+    _add_launch_parser(sub)
+    _add_generate_parser(sub)
     return parser
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -72,14 +72,62 @@ class TokenizerSection(Section):
 
 
 class DataSection(Section):
-    """Pretraining text: local parquet/jsonl/txt files or globs, packed into rows of ``seq_len`` tokens."""
+    """Training data: where documents come from, how they become rows, and how the loader runs.
 
+    ``source``: ``files`` reads local parquet / jsonl / json / txt files, globs or directories (``paths``);
+    ``hub`` streams a Hugging Face dataset by name (``hub_name``, ``hub_config``, ``hub_split``, ``hub_revision``);
+    ``shards`` reads the one directory in ``paths`` written by ``dlm data prepare``. ``format``:
+    ``pretrain-packed`` (documents joined with EOS, cut every ``seq_len``), ``rows`` (one document per row,
+    ``[text, EOS, pad ...]``) or ``sft`` (``[prompt, answer, EOS ...]`` from alpaca / question-answer /
+    messages files). See :mod:`dlm.data_streams` for the guarantees (sharding, shuffling, exact resume).
+    """
+
+    source: Literal["files", "hub", "shards"] = "files"
     paths: list[str] = Field(default_factory=lambda: ["data/fineweb-sample/*.parquet"], min_length=1)
+    hub_name: Optional[str] = Field(None, description="e.g. HuggingFaceFW/fineweb (source: hub)")
+    hub_config: Optional[str] = Field(None, description="e.g. sample-10BT (source: hub)")
+    hub_split: str = "train"
+    hub_revision: Optional[str] = None
     text_column: str = "text"
+    format: Literal["pretrain-packed", "rows", "sft"] = "pretrain-packed"
     seq_len: int = Field(256, gt=1)
+    overflow: Literal["drop", "cut"] = Field("drop", description="rows/sft: a document longer than a row")
+    pad: Literal["eos", "pad"] = Field("eos", description="rows/sft padding: EOS (LLaDA) or the tokenizer's pad id")
+    sft_template: Literal["plain", "chat"] = Field("plain", description="chat: the tokenizer's chat template")
     eval_fraction: float = Field(0.05, gt=0.0, lt=1.0)
-    max_docs: Optional[int] = Field(None, gt=0)
+    max_eval_rows: int = Field(512, gt=0, description="held-out rows kept, the first ones in file order")
+    max_docs: Optional[int] = Field(None, gt=0, description="use only the first documents (quick runs)")
+    shuffle: bool = True
+    shuffle_buffer: int = Field(1024, gt=0, description="documents per shuffled block of a streamed source")
+    num_workers: int = Field(0, ge=0, description="data-loader worker processes per rank; 0 = in the loop")
     doc_attention: bool = Field(True, description="tokens attend only within their own packed document")
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> DataSection:
+        # Compared with the defaults, not with the keys given, so a dumped resolved config validates again.
+        if self.source == "hub":
+            if not self.hub_name:
+                raise _CrossFieldError("data.hub_name", self.hub_name, "is required with data.source=hub")
+            if self.paths != DataSection.model_fields["paths"].get_default(call_default_factory=True):
+                raise _CrossFieldError("data.paths", self.paths, "is not used with data.source=hub; remove it")
+        else:
+            for key in ("hub_name", "hub_config", "hub_revision"):
+                if getattr(self, key) is not None:
+                    raise _CrossFieldError(
+                        f"data.{key}", getattr(self, key), f"applies only to data.source=hub (source is {self.source})"
+                    )
+        if self.source == "shards":
+            if len(self.paths) != 1:
+                raise _CrossFieldError(
+                    "data.paths", self.paths, "must name exactly one directory written by dlm data prepare"
+                )
+            if self.format == "sft":
+                raise _CrossFieldError(
+                    "data.format", self.format, "token shards hold plain documents; read SFT data with source=files"
+                )
+        if self.format != "sft" and self.sft_template != "plain":
+            raise _CrossFieldError("data.sft_template", self.sft_template, "applies only to data.format=sft")
+        return self
 
 
 class ObjectiveSection(Section):
@@ -95,7 +143,7 @@ class ObjectiveSection(Section):
     t_sampling: Literal["uniform", "stratified"] = Field(
         "uniform", description="uniform: LLaDA's iid t; stratified: (i + u) / B, same expectation, less variance"
     )
-    loss_chunk_size: int = Field(4096, gt=0, description="masked rows per LM-head chunk")
+    loss_chunk_size: int = Field(1024, gt=0, description="masked rows per LM-head chunk (1024 x 126k vocab = 0.5 GB fp32)")
 
 
 class OptimSection(Section):
@@ -124,15 +172,125 @@ class ScheduleSection(Section):
 
 
 class EngineSection(Section):
-    """What executes backward and the optimizer step. ``plain`` is single-process torch."""
+    """What executes backward and the optimizer step: ``plain`` torch or ``deepspeed`` (ZeRO stage 0-3).
 
-    kind: Literal["plain"] = "plain"
+    DeepSpeed settings come from two places. ``deepspeed_config`` names a DeepSpeed JSON file (the ones in
+    ``configs/zero/``) whose tuning keys (bucket sizes, prefetching, pinned memory ...) are used as they are;
+    ``zero_stage`` and ``offload_*`` here override that file's choice, so one JSON serves several runs. What
+    this tree already decides (batch sizes, clipping, precision, optimizer, schedule) is never taken from the
+    JSON: it may leave those keys out or write ``"auto"``, and any other value that differs is an error
+    rather than a silent override, because a run whose batch differs from its config cannot be reproduced.
+    """
+
+    kind: Literal["plain", "deepspeed"] = "plain"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON, e.g. configs/zero/zero3.json")
+    zero_stage: Optional[int] = Field(None, ge=0, le=3, description="0-3; overrides the JSON (default there, else 0)")
+    offload_optimizer: Optional[Literal["none", "cpu"]] = Field(None, description="optimizer states on the CPU")
+    offload_params: Optional[Literal["none", "cpu"]] = Field(None, description="parameters on the CPU (stage 3)")
+    optimizer: Literal["auto", "torch-adamw", "cpu-adam", "fused-adam"] = Field(
+        "auto", description="auto: DeepSpeed's cpu-adam with CPU optimizer offload, torch AdamW otherwise"
+    )
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in backward")
+    zero_init: Union[Literal["auto"], bool] = Field(  # noqa: UP007 - pydantic needs a runtime type here
+        "auto", description="build the model under deepspeed.zero.Init (stage 3); auto: models over 1e9 params"
+    )
+    global_batch_size: Optional[int] = Field(
+        None, gt=0, description="sequences per optimizer step; must be micro_batch_size x grad_accum_steps x workers"
+    )
+
+    @model_validator(mode="after")
+    def _deepspeed_keys(self) -> EngineSection:
+        if self.kind != "deepspeed":
+            for key in ("deepspeed_config", "zero_stage", "offload_optimizer", "offload_params"):
+                if getattr(self, key) is not None:
+                    raise _CrossFieldError(f"engine.{key}", getattr(self, key), "applies only to engine.kind=deepspeed")
+            for key in ("optimizer", "zero_init"):
+                if key in self.model_fields_set and getattr(self, key) != "auto":
+                    raise _CrossFieldError(f"engine.{key}", getattr(self, key), "applies only to engine.kind=deepspeed")
+            return self
+        ds_json = self.deepspeed_json()
+        stage = self.resolved_zero_stage()
+        if stage not in (0, 1, 2, 3):
+            raise _CrossFieldError(
+                "engine.deepspeed_config", self.deepspeed_config,
+                f"sets zero_optimization.stage = {stage!r}; allowed stages are 0, 1, 2, 3",
+            )
+        for key in ("optimizer", "scheduler", "fp16"):
+            if key in ds_json and not (key == "fp16" and not ds_json[key].get("enabled", False)):
+                raise _CrossFieldError(
+                    "engine.deepspeed_config", self.deepspeed_config,
+                    f"sets {key!r}, which dlm owns (optim.*, schedule.*, engine.optimizer, engine.precision); "
+                    f"remove it from the JSON",
+                )
+        offload_opt, offload_par = self.resolved_offload()
+        if offload_par == "cpu" and stage != 3:
+            raise _CrossFieldError("engine.offload_params", offload_par, f"needs ZeRO stage 3 (stage is {stage})")
+        if offload_opt == "cpu" and stage == 0:
+            raise _CrossFieldError("engine.offload_optimizer", offload_opt, "needs ZeRO stage 1, 2 or 3 (stage is 0)")
+        if offload_opt == "cpu" and self.optimizer == "fused-adam":
+            raise _CrossFieldError(
+                "engine.optimizer", self.optimizer,
+                "fused-adam steps on the GPU and cannot update optimizer states offloaded to the CPU; "
+                "use cpu-adam (or torch-adamw) with engine.offload_optimizer=cpu",
+            )
+        if self.zero_init is True and stage != 3:
+            raise _CrossFieldError("engine.zero_init", self.zero_init, f"needs ZeRO stage 3 (stage is {stage})")
+        return self
+
+    def deepspeed_json(self) -> dict[str, Any]:
+        """The DeepSpeed JSON named by ``deepspeed_config`` ({} when none); unreadable files are config errors."""
+        if self.deepspeed_config is None:
+            return {}
+        path = Path(self.deepspeed_config)
+        if not path.is_file():
+            raise _CrossFieldError(
+                "engine.deepspeed_config", self.deepspeed_config, "file not found; name a JSON such as configs/zero/zero2.json"
+            )
+        try:
+            tree = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise _CrossFieldError("engine.deepspeed_config", self.deepspeed_config, f"is not valid JSON ({exc})") from None
+        if not isinstance(tree, dict):
+            raise _CrossFieldError("engine.deepspeed_config", self.deepspeed_config, "must hold a JSON object")
+        return tree
+
+    def resolved_zero_stage(self) -> Any:
+        """``zero_stage`` if given, else the JSON's ``zero_optimization.stage``, else 0."""
+        if self.zero_stage is not None:
+            return self.zero_stage
+        return self.deepspeed_json().get("zero_optimization", {}).get("stage", 0)
+
+    def resolved_offload(self) -> tuple[str, str]:
+        """(optimizer, params) offload device, ``none`` or ``cpu``: ours if given, else the JSON's."""
+        zero = self.deepspeed_json().get("zero_optimization", {})
+
+        def from_json(key: str) -> str:
+            device = (zero.get(key) or {}).get("device", "none")
+            if device not in ("none", "cpu"):
+                raise _CrossFieldError(
+                    "engine.deepspeed_config", self.deepspeed_config,
+                    f"sets zero_optimization.{key}.device = {device!r}; allowed: none, cpu",
+                )
+            return str(device)
+
+        opt = self.offload_optimizer if self.offload_optimizer is not None else from_json("offload_optimizer")
+        par = self.offload_params if self.offload_params is not None else from_json("offload_param")
+        return opt, par
+
+    def resolved_optimizer(self) -> str:
+        """``auto`` → DeepSpeed's CPU Adam when optimizer states live on the CPU, torch's AdamW otherwise."""
+        if self.optimizer != "auto":
+            return self.optimizer
+        return "cpu-adam" if self.kind == "deepspeed" and self.resolved_offload()[0] == "cpu" else "torch-adamw"
 
 
 class CheckpointSection(Section):
-    """What is written to the run directory at the end of training."""
+    """Resumable checkpoints (``run.dir/checkpoints``) and the final weights."""
 
+    interval: int = Field(0, ge=0, description="optimizer steps between checkpoints; 0 saves none")
+    keep_last: int = Field(2, ge=2, description="complete checkpoints kept; at least 2 so one always survives")
+    resume: Optional[str] = Field(None, description="auto (newest of this run, if any) or a checkpoint path")
     save_final: bool = True
 
 
@@ -156,9 +314,38 @@ class LoggingSection(Section):
 
 
 class LauncherSection(Section):
-    """How workers are started. ``local`` runs the loop in this process."""
+    """How workers are started: ``local`` runs the loop in this process, ``multiprocess`` starts ``workers``
+    processes on this machine, ``ray`` runs them as a Ray Train ``TorchTrainer`` on a Ray cluster (restarting
+    the whole group from the last checkpoint after a failure, up to ``max_failures`` times)."""
 
-    kind: Literal["local"] = "local"
+    kind: Literal["local", "multiprocess", "ray"] = "local"
+    workers: int = Field(1, gt=0, description="training processes = data-parallel world size")
+    ray_address: Optional[str] = Field(None, description="auto | local (start one here) | HOST:PORT | ray://HOST:PORT")
+    use_gpu: Optional[bool] = Field(None, description="one GPU per worker; default: when run.device is not cpu")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources of one worker; default {CPU: 1} (+ {GPU: 1} with use_gpu)"
+    )
+    max_failures: int = Field(0, ge=-1, description="Ray: group restarts after a worker failure; -1 = unlimited")
+    storage_path: Optional[str] = Field(None, description="Ray: where checkpoints are copied; default run.dir/ray")
+    check_resources: bool = Field(True, description="Ray: refuse to start when the cluster cannot place all workers")
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> LauncherSection:
+        if self.kind == "local" and self.workers != 1:
+            raise _CrossFieldError(
+                "launcher.workers", self.workers, "needs launcher.kind=multiprocess or ray (local runs one process)"
+            )
+        if self.kind != "ray":
+            for key, default in (("ray_address", None), ("storage_path", None), ("max_failures", 0)):
+                if getattr(self, key) != default:
+                    raise _CrossFieldError(f"launcher.{key}", getattr(self, key), "applies only to launcher.kind=ray")
+        return self
+
+    def worker_resources(self, use_gpu: bool) -> dict[str, float]:
+        """What Ray reserves for each worker."""
+        if self.resources_per_worker:
+            return dict(self.resources_per_worker)
+        return {"CPU": 1.0, "GPU": 1.0} if use_gpu else {"CPU": 1.0}
 
 
 class RunSection(Section):
@@ -208,11 +395,66 @@ class RunConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _distributed(self) -> RunConfig:
+        _check_distributed(self)
+        return self
+
     def resolved(self) -> dict[str, Any]:
         """The full tree with the model preset expanded, as written to ``config.yaml`` in the run dir."""
         tree = self.model_dump(mode="json")
         tree["model"] = {"preset": self.model.preset, **self.model.resolve().model_dump(mode="json")}
         return tree
+
+
+def _check_distributed(cfg: RunConfig) -> None:
+    """Batch sizes across ranks, the DeepSpeed JSON against this tree, and the launcher against the device.
+
+    Everything here is known before a worker starts, so a 64-node job fails in the first second instead of
+    after every node has loaded the data and built the model.
+    """
+    run, engine, launcher = cfg.run, cfg.engine, cfg.launcher
+    world = launcher.workers
+    per_step = run.micro_batch_size * run.grad_accum_steps * world
+    if engine.global_batch_size is not None and engine.global_batch_size != per_step:
+        per_accum = run.micro_batch_size * world
+        if engine.global_batch_size % per_accum:
+            fix = f"choose a multiple of run.micro_batch_size x launcher.workers = {per_accum}"
+        else:
+            fix = f"set run.grad_accum_steps={engine.global_batch_size // per_accum}"
+        raise _CrossFieldError(
+            "engine.global_batch_size", engine.global_batch_size,
+            f"must equal run.micro_batch_size x run.grad_accum_steps x launcher.workers = {run.micro_batch_size} x "
+            f"{run.grad_accum_steps} x {world} = {per_step}; {fix}",
+        )
+    if engine.kind == "deepspeed":
+        ds_json = engine.deepspeed_json()
+        ours = {
+            "train_micro_batch_size_per_gpu": (run.micro_batch_size, "run.micro_batch_size"),
+            "gradient_accumulation_steps": (run.grad_accum_steps, "run.grad_accum_steps"),
+            "train_batch_size": (per_step, "run.micro_batch_size x run.grad_accum_steps x launcher.workers"),
+            "gradient_clipping": (cfg.optim.grad_clip, "optim.grad_clip"),
+        }
+        for key, (value, source) in ours.items():
+            theirs = ds_json.get(key, "auto")
+            if theirs != "auto" and theirs != value:
+                raise _CrossFieldError(
+                    "engine.deepspeed_config", engine.deepspeed_config,
+                    f"sets {key} = {theirs!r} but {source} = {value!r}; remove the key, write \"auto\" or make them equal",
+                )
+        bf16 = (ds_json.get("bf16") or {}).get("enabled", "auto")
+        if bf16 != "auto" and (engine.precision == "auto" or bf16 != (engine.precision == "bf16")):
+            raise _CrossFieldError(
+                "engine.deepspeed_config", engine.deepspeed_config,
+                f"sets bf16.enabled = {bf16!r} but engine.precision = {engine.precision!r} decides; write \"auto\"",
+            )
+        if engine.resolved_optimizer() == "cpu-adam" and engine.resolved_offload()[0] != "cpu" and run.device == "cuda":
+            raise _CrossFieldError(
+                "engine.optimizer", "cpu-adam",
+                "steps on the CPU, so on CUDA it needs engine.offload_optimizer=cpu; or use torch-adamw / fused-adam",
+            )
+    if launcher.use_gpu and run.device == "cpu":
+        raise _CrossFieldError("launcher.use_gpu", True, "contradicts run.device = 'cpu'; drop one of them")
 
 
 class _CrossFieldError(ValueError):

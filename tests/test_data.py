@@ -1,28 +1,32 @@
-"""File discovery, document streaming, packing, and the in-memory pretraining data on the bundled sample."""
+"""Sources (files, globs, hub), document streaming, the held-out split, the eval set, and every bad input."""
 
 from __future__ import annotations
 
 import gzip
 import json
 import random
+import time
 from itertools import islice
 from pathlib import Path
 
+import datasets
+import huggingface_hub.constants
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 
+from dlm.config import DataSection
 from dlm.data_streams import (
-    PretrainData,
+    HubDataset,
+    build_pretrain_stream,
     detect_format,
     is_eval_document,
     iter_documents,
-    load_pretrain_data,
     load_tokenizer,
     pack,
     resolve_files,
 )
+from dlm.data_streams.sources import hub_pieces
 from dlm.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +41,15 @@ def tokenizer():
     return load_tokenizer("gpt2-mdm")
 
 
+def _data(**fields: object) -> DataSection:
+    """A data section for tests: the bundled sample unless ``paths`` says otherwise."""
+    return DataSection.model_validate({"paths": [SAMPLE_GLOB], **fields})
+
+
 @pytest.fixture(scope="module")
-def sample(tokenizer) -> PretrainData:
-    return load_pretrain_data([SAMPLE_GLOB], tokenizer, SEQ_LEN, show_progress=False)
+def sample(tokenizer):
+    """The whole bundled sample at seq_len 256, every held-out row kept."""
+    return build_pretrain_stream(_data(seq_len=SEQ_LEN, max_eval_rows=10_000), tokenizer, seed=0, micro_batch_size=8)
 
 
 @pytest.fixture
@@ -129,12 +139,12 @@ def test_whitespace_only_and_null_docs_are_skipped(tmp_path: Path) -> None:
         list(iter_documents([tmp_path / "missing.jsonl"]))
 
 
-def test_mixed_formats_stream_format_by_format(tmp_path: Path) -> None:
+def test_mixed_formats_stream_in_file_order(tmp_path: Path) -> None:
     a = _write_jsonl(tmp_path / "a.jsonl", [{"text": "a1"}, {"text": "a2"}])
     b = tmp_path / "b.txt"
     b.write_text("b1\nb2\n")
     c = _write_jsonl(tmp_path / "c.jsonl", [{"text": "c1"}])
-    assert list(iter_documents([a, b, c])) == ["a1", "a2", "c1", "b1", "b2"]
+    assert list(iter_documents([a, b, c])) == ["a1", "a2", "b1", "b2", "c1"]
 
 
 def test_missing_column_names_present_columns(tmp_path: Path, c4_lines: list[str]) -> None:
@@ -225,14 +235,47 @@ def test_pack_rejects_bad_seq_len() -> None:
         list(pack([[1]], seq_len=0, eos_id=0))
 
 
-# --- load_pretrain_data --------------------------------------------------------------------------------------
+# --- more bad input: truncated parquet, invalid UTF-8, the hub offline ------------------------------------------
 
 
-def _complete_docs(rows: torch.Tensor, eos: int) -> list[tuple[int, ...]]:
+def test_truncated_parquet_names_the_file(tmp_path: Path) -> None:
+    real = resolve_files([SAMPLE_GLOB])[0].read_bytes()
+    cut = tmp_path / "cut.parquet"
+    cut.write_bytes(real[: len(real) // 2])
+    with pytest.raises(DataError, match=rf"cannot read {cut} as parquet \(ArrowInvalid: .*replace or remove the file"):
+        list(iter_documents([cut]))
+
+
+@pytest.mark.parametrize("name", ["bad.jsonl", "bad.txt"])
+def test_invalid_utf8_names_the_file(tmp_path: Path, name: str) -> None:
+    good = _write_jsonl(tmp_path / "a.jsonl", [{"text": "fine"}])
+    bad = tmp_path / name
+    line = b'{"text": "bad \xff\xfe bytes"}' if name.endswith("jsonl") else b"bad \xff\xfe bytes"
+    bad.write_bytes(b'{"text": "ok"}\n' + line + b"\n" if name.endswith("jsonl") else b"ok\n" + line + b"\n")
+    with pytest.raises(DataError, match=rf"cannot read {bad} as (json|text) \(UnicodeDecodeError: 'utf-8' codec"):
+        list(iter_documents([good, bad]))
+
+
+def test_hub_dataset_offline_fails_fast_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    started = time.perf_counter()
+    hub = HubDataset("dlm-test/no-such-dataset", "sample-10BT")
+    with pytest.raises(DataError, match=r"cannot open hub dataset dlm-test/no-such-dataset \(sample-10BT\) split train "
+                                        r"\(.*\); check data.hub_name .*HF_HUB_OFFLINE or HF_DATASETS_OFFLINE"):
+        hub_pieces(hub)
+    assert time.perf_counter() - started < 30, "offline must fail at once, not wait on the network"
+
+
+# --- the held-out split and the eval set --------------------------------------------------------------------
+
+
+def _complete_docs(rows: np.ndarray, eos: int) -> list[tuple[int, ...]]:
     """Documents of a split's packed stream, cut at EOS; the last one may be cut short, so it is left out."""
-    flat = rows.reshape(-1).tolist()
     docs, current = [], []
-    for token in flat:
+    for token in rows.reshape(-1).tolist():
         current.append(token)
         if token == eos:
             docs.append(tuple(current[:-1]))
@@ -240,47 +283,54 @@ def _complete_docs(rows: torch.Tensor, eos: int) -> list[tuple[int, ...]]:
     return docs
 
 
-def test_sample_shapes_and_doc_ids(sample: PretrainData, tokenizer) -> None:
-    assert sample.num_train_docs + sample.num_eval_docs == 400
-    assert 5 <= sample.num_eval_docs <= 50
-    for rows, doc_ids in [(sample.train_rows, sample.train_doc_ids), (sample.eval_rows, sample.eval_doc_ids)]:
-        assert rows.dtype == doc_ids.dtype == torch.int64
-        assert rows.shape == doc_ids.shape and rows.shape[1] == SEQ_LEN == sample.seq_len
-        assert torch.all(doc_ids[:, 0] == 0)
-        steps = doc_ids[:, 1:] - doc_ids[:, :-1]
-        assert torch.equal(steps, (rows[:, :-1] == tokenizer.eos_id).long())
-    total = (sample.train_rows.numel() + sample.eval_rows.numel())
-    assert 600_000 < total <= 661_051
+def _split_docs(tokenizer, paths: list[str], fraction: float = 0.05) -> tuple[list[list[int]], list[list[int]]]:
+    """(train, eval) token lists of the files in order, computed the plain way as a reference."""
+    train, held_out = [], []
+    for text in iter_documents(resolve_files(paths)):
+        ids = tokenizer.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        (held_out if is_eval_document(text, fraction) else train).append(ids)
+    return train, held_out
 
 
-def test_sample_split_is_by_document(sample: PretrainData, tokenizer) -> None:
-    decode = tokenizer.tokenizer.decode
-    train = _complete_docs(sample.train_rows, tokenizer.eos_id)
-    held_out = _complete_docs(sample.eval_rows, tokenizer.eos_id)
-    assert len(train) >= sample.num_train_docs - 1 and len(held_out) >= sample.num_eval_docs - 1
-    assert not set(train) & set(held_out)
-    assert not any(is_eval_document(decode(d), 0.05) for d in train)
-    assert all(is_eval_document(decode(d), 0.05) for d in held_out)
+def test_sample_eval_rows_match_the_plain_split(sample, tokenizer) -> None:
+    train, held_out = _split_docs(tokenizer, [SAMPLE_GLOB])
+    assert (len(train), len(held_out)) == (376, 24)  # as data/fineweb-sample/README.md says
+    rows = sample.eval_set.rows
+    expected = [ids for ids, _ in pack(held_out, SEQ_LEN, tokenizer.eos_id)]
+    assert rows["input_ids"].tolist() == expected and sample.num_eval_rows == 140
+    assert rows["input_ids"].dtype == rows["doc_ids"].dtype == np.int64
+    steps = rows["doc_ids"][:, 1:] - rows["doc_ids"][:, :-1]
+    assert np.array_equal(steps, (rows["input_ids"][:, :-1] == tokenizer.eos_id).astype(np.int64))
+    assert np.all(rows["doc_ids"][:, 0] == 0)
+    batches = list(sample.eval_batches(64))
+    assert [b["input_ids"].shape[0] for b in batches] == [64, 64, 12]
 
 
-def test_sample_is_deterministic(sample: PretrainData, tokenizer) -> None:
-    again = load_pretrain_data([SAMPLE_GLOB, str(SAMPLE / "batch_000001.parquet")], tokenizer, SEQ_LEN,
-                               show_progress=False)
-    for field in ["train_rows", "train_doc_ids", "eval_rows", "eval_doc_ids", "unigram_counts"]:
-        assert torch.equal(getattr(again, field), getattr(sample, field)), field
-    assert (again.num_train_docs, again.num_eval_docs) == (sample.num_train_docs, sample.num_eval_docs)
-
-
-def test_unigram_cross_entropy_matches_numpy(sample: PretrainData, tokenizer) -> None:
+def test_unigram_cross_entropy_matches_numpy(sample, tokenizer) -> None:
+    train, _ = _split_docs(tokenizer, [SAMPLE_GLOB])
+    train_rows = np.array([ids for ids, _ in pack(train, SEQ_LEN, tokenizer.eos_id)])
     vocab = tokenizer.vocab_size
-    counts = np.bincount(sample.train_rows.numpy().ravel(), minlength=vocab)
-    assert sample.unigram_counts.shape == (vocab,) and sample.unigram_counts.dtype == torch.int64
-    assert np.array_equal(sample.unigram_counts.numpy(), counts)
+    counts = np.bincount(train_rows.ravel(), minlength=vocab)
+    assert np.array_equal(sample.eval_set.unigram_counts, counts)
     probs = (counts + 1.0) / (counts.sum() + vocab)
-    expected = float(-np.log(probs[sample.eval_rows.numpy().ravel()]).mean())
+    expected = float(-np.log(probs[sample.eval_set.rows["input_ids"].ravel()]).mean())
     got = sample.unigram_cross_entropy()
     assert 4.0 < got < 9.0
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+def test_training_stream_never_shows_held_out_documents(tokenizer) -> None:
+    train, held_out = _split_docs(tokenizer, [SAMPLE_GLOB])
+    stream = build_pretrain_stream(_data(seq_len=1024, format="rows", overflow="cut", max_eval_rows=10_000),
+                                   tokenizer, seed=3, micro_batch_size=47)
+    seen = set()
+    for _ in range(8):  # 8 x 47 = 376 rows: exactly one epoch of one-document rows
+        batch = next(stream)
+        for row, length in zip(batch["input_ids"].tolist(), batch["answer_length"].tolist()):
+            seen.add(tuple(row[: min(length, 1024)]))
+    assert seen == {tuple(d[:1024]) for d in train}
+    assert not seen & {tuple(d[:1024]) for d in held_out}
+    assert stream.counters()["docs"] == 376
 
 
 def test_split_ignores_file_order_and_keeps_duplicates_together(tmp_path: Path, tokenizer) -> None:
@@ -288,84 +338,68 @@ def test_split_ignores_file_order_and_keeps_duplicates_together(tmp_path: Path, 
     _write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts[:30]])
     _write_jsonl(tmp_path / "b.jsonl", [{"text": t} for t in texts[30:]])
     _write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in reversed(texts)])
-    forward = load_pretrain_data([str(tmp_path / "[ab].jsonl")], tokenizer, 16, eval_fraction=0.3,
-                                 show_progress=False)
-    both = load_pretrain_data([str(tmp_path / "*.jsonl")], tokenizer, 16, eval_fraction=0.3, show_progress=False)
-    assert (both.num_train_docs, both.num_eval_docs) == (2 * forward.num_train_docs, 2 * forward.num_eval_docs)
+    fields = {"seq_len": 16, "eval_fraction": 0.3, "max_eval_rows": 10_000}
+    forward = build_pretrain_stream(_data(paths=[str(tmp_path / "[ab].jsonl")], **fields), tokenizer, seed=0,
+                                    micro_batch_size=2)
+    both = build_pretrain_stream(_data(paths=[str(tmp_path / "*.jsonl")], **fields), tokenizer, seed=0,
+                                 micro_batch_size=2)
+    assert both.eval_set.num_docs == 2 * forward.eval_set.num_docs > 0
     decode = tokenizer.tokenizer.decode
-    forward_eval = {decode(d) for d in _complete_docs(forward.eval_rows, tokenizer.eos_id)}
-    both_eval = {decode(d) for d in _complete_docs(both.eval_rows, tokenizer.eos_id)}
-    assert forward_eval <= set(texts) and forward_eval <= both_eval
-    assert not both_eval & {decode(d) for d in _complete_docs(both.train_rows, tokenizer.eos_id)}
+    forward_eval = {decode(d) for d in _complete_docs(forward.eval_set.rows["input_ids"], tokenizer.eos_id)}
+    both_eval = {decode(d) for d in _complete_docs(both.eval_set.rows["input_ids"], tokenizer.eos_id)}
+    assert forward_eval and forward_eval <= set(texts) and forward_eval <= both_eval
+    assert all(is_eval_document(t, 0.3) for t in both_eval)
 
 
 def test_max_docs_limits_documents(tokenizer) -> None:
-    data = load_pretrain_data([SAMPLE_GLOB], tokenizer, 128, max_docs=40, eval_fraction=0.2, show_progress=False)
-    assert data.num_train_docs + data.num_eval_docs == 40
+    stream = build_pretrain_stream(_data(seq_len=4096, format="rows", overflow="cut", max_docs=40,
+                                         eval_fraction=0.2, max_eval_rows=100), tokenizer, seed=0,
+                                   micro_batch_size=1)
+    train_docs = 40 - stream.eval_set.num_docs
+    first_epoch = {tuple(next(stream)["input_ids"][0, :64].tolist()) for _ in range(train_docs)}
+    assert len(first_epoch) == train_docs
+    assert tuple(next(stream)["input_ids"][0, :64].tolist()) in first_epoch, "the second epoch repeats the docs"
 
 
 def test_empty_splits_are_errors(tmp_path: Path, tokenizer) -> None:
     path = _write_jsonl(tmp_path / "small.jsonl", [{"text": f"short doc {i}"} for i in range(3)])
     with pytest.raises(DataError, match=r"the train split holds \d+ tokens from \d+ documents, less than one row of "
-                                        r"data.seq_len=512; lower data.seq_len"):
-        load_pretrain_data([str(path)], tokenizer, 512, eval_fraction=1e-9, show_progress=False)
+                                        r"data.seq_len=512 in format pretrain-packed; lower data.seq_len"):
+        build_pretrain_stream(_data(paths=[str(path)], seq_len=512, eval_fraction=1e-9), tokenizer, seed=0,
+                              micro_batch_size=1)
     with pytest.raises(DataError, match=r"the eval split holds 0 tokens from 0 documents.*data.eval_fraction"):
-        load_pretrain_data([SAMPLE_GLOB], tokenizer, 64, eval_fraction=1e-9, max_docs=20, show_progress=False)
+        build_pretrain_stream(_data(seq_len=64, eval_fraction=1e-9, max_docs=20), tokenizer, seed=0,
+                              micro_batch_size=1)
 
 
-def test_bad_arguments_are_config_errors(tokenizer) -> None:
-    for kwargs in [{"eval_fraction": 0.0}, {"eval_fraction": 1.0}, {"max_docs": 0}, {"seq_len": 0}]:
-        args = {"seq_len": 64, **kwargs}
-        with pytest.raises(ConfigError):
-            load_pretrain_data([SAMPLE_GLOB], tokenizer, show_progress=False, **args)
+def test_blank_documents_are_skipped_and_counted(tmp_path: Path, tokenizer) -> None:
+    rows = []
+    for i in range(40):
+        rows.append({"text": f"Document {i} has a few words of real text in it."})
+        rows.append({"text": [" ", "", "\n\t", None][i % 4]})
+    path = _write_jsonl(tmp_path / "blanks.jsonl", rows)
+    stream = build_pretrain_stream(_data(paths=[str(path)], seq_len=64, format="rows", eval_fraction=0.2,
+                                         shuffle_buffer=8), tokenizer, seed=0, micro_batch_size=1)
+    train_docs = 40 - stream.eval_set.num_docs
+    texts = set()
+    for _ in range(train_docs):  # exactly one epoch: the last block was read to the end of the file
+        batch = next(stream)
+        length = int(batch["answer_length"][0])
+        texts.add(tokenizer.tokenizer.decode(batch["input_ids"][0, :length]))
+    assert all(t.startswith("Document ") for t in texts) and len(texts) == train_docs
+    assert stream.counters() == {"docs": train_docs, "empty_docs": 40, "dropped_too_long": 0, "cut_too_long": 0}
 
 
-# --- batches -------------------------------------------------------------------------------------------------
+def test_bad_config_values_are_config_errors() -> None:
+    from dlm.config import validate
 
-
-def _toy(num_rows: int = 10, seq_len: int = 3) -> PretrainData:
-    rows = torch.arange(num_rows * seq_len, dtype=torch.int64).reshape(num_rows, seq_len)
-    return PretrainData(rows, torch.zeros_like(rows), rows[:7].clone(), torch.zeros_like(rows[:7]),
-                        torch.zeros(64, dtype=torch.int64), num_rows, 7)
-
-
-def test_train_batches_deterministic_and_epoch_shuffled() -> None:
-    data = _toy()
-    first = [b["input_ids"] for b in islice(data.train_batches(3, seed=7), 9)]
-    again = [b["input_ids"] for b in islice(data.train_batches(3, seed=7), 9)]
-    other = [b["input_ids"] for b in islice(data.train_batches(3, seed=8), 9)]
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert not all(torch.equal(a, b) for a, b in zip(first, other))
-    for epoch in range(3):  # 10 rows // 3 = 3 full batches per epoch, the 10th row is dropped
-        seen = torch.cat(first[3 * epoch : 3 * epoch + 3])[:, 0]
-        assert seen.unique().numel() == 9
-    assert not torch.equal(torch.cat(first[:3]), torch.cat(first[3:6])), "each epoch has its own order"
-    assert all(b.shape == (3, 3) and b.dtype == torch.int64 for b in first)
-
-
-def test_train_batches_start_step_equals_iterating(sample: PretrainData) -> None:
-    per_epoch = sample.train_rows.shape[0] // 64
-    straight = list(islice(sample.train_batches(64, seed=3), per_epoch + 6))
-    for start in [1, per_epoch - 1, per_epoch, per_epoch + 3]:
-        resumed = list(islice(sample.train_batches(64, seed=3, start_step=start), 3))
-        for offset, batch in enumerate(resumed):  # the resumed stream also continues across an epoch boundary
-            assert torch.equal(batch["input_ids"], straight[start + offset]["input_ids"])
-            assert torch.equal(batch["doc_ids"], straight[start + offset]["doc_ids"])
-    assert straight[0]["input_ids"].shape == (64, SEQ_LEN)
-
-
-def test_train_batches_bad_arguments() -> None:
-    with pytest.raises(DataError, match="micro-batch of 11 rows is larger than the 10 packed train rows"):
-        next(_toy().train_batches(11, seed=0))
-    with pytest.raises(ValueError):
-        next(_toy().train_batches(0, seed=0))
-    with pytest.raises(ValueError):
-        next(_toy().train_batches(2, seed=0, start_step=-1))
-
-
-def test_eval_batches_cover_every_row_once() -> None:
-    data = _toy()
-    batches = list(data.eval_batches(3))
-    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 1]
-    assert torch.equal(torch.cat([b["input_ids"] for b in batches]), data.eval_rows)
-    assert torch.equal(torch.cat([b["doc_ids"] for b in batches]), data.eval_doc_ids)
+    for fields, key in [
+        ({"eval_fraction": 0.0}, "data.eval_fraction"),
+        ({"eval_fraction": 1.0}, "data.eval_fraction"),
+        ({"max_docs": 0}, "data.max_docs"),
+        ({"seq_len": 1}, "data.seq_len"),
+        ({"num_workers": -1}, "data.num_workers"),
+        ({"format": "chunks"}, "data.format"),
+    ]:
+        with pytest.raises(ConfigError, match=key):
+            validate({"data": fields})

@@ -1,20 +1,67 @@
-"""Data for training: tokenizer loading, file discovery and streaming, packing, and the pretraining batches."""
+"""Data for training: sources → tokenize → rows → shard by rank/worker → a resumable loader; token shards.
 
-from dlm.data_streams.packing import pack
-from dlm.data_streams.pretrain import PretrainData, is_eval_document, load_pretrain_data
-from dlm.data_streams.sources import detect_format, iter_documents, resolve_files
-from dlm.data_streams.tokenizer import TokenizerInfo, bundled_tokenizer_dir, check_vocab, load_tokenizer
+The training loop uses one function and one object:
+
+``build_pretrain_stream(data, tokenizer, *, seed, micro_batch_size, rank=0, world_size=1, num_workers=None)``
+    → :class:`TrainStream` for the ``data`` config section (:class:`dlm.config.DataSection`).
+
+``TrainStream``
+    - ``next(stream)``: a dict of tensors ``[B, T]``: ``input_ids`` and ``doc_ids`` (int64); ``format=rows`` adds
+      ``answer_length [B]`` (the document's true length), ``format=sft`` adds ``prompt_mask`` (bool) and
+      ``answer_length [B]`` (the answer's true length, before EOS padding or any cut).
+    - ``state_dict()`` / ``load_state_dict(state)``: resume at exactly the next batch (plain Python values;
+      any worker count, shuffled or not). The state also pins seed, rank, world size and num_workers.
+    - ``set_seq_len(n)``: from the next batch on, rows of ``n`` tokens and ``B * T / n`` rows per batch.
+    - ``eval_batches(batch_size)``, ``unigram_cross_entropy()``, ``num_eval_rows``: the held-out rows and the
+      unigram baseline; ``counters()``: documents used, blank ones skipped, too-long ones dropped or cut.
+    - ``close()``: stop worker processes.
+
+``validate_data_source(data, tokenizer)`` checks a source cheaply before a run directory exists.
+``prepare_shards(...)`` / ``shard_stats(...)`` back ``dlm data prepare`` and ``dlm data stats``.
+
+Guarantees: in every epoch each training document goes to exactly one (rank, worker), for any world size
+and worker count (also with fewer files than ranks × workers); the order is a pure function of
+(seed, epoch); the packed rows of one batch come from different documents (one packing lane per row of the
+first micro-batch); the held-out split is a hash of each document's text, identical for text and shards.
+"""
+
+from dlm.data_streams.formats import FORMATS, pack
+from dlm.data_streams.prepare import format_stats, parse_source, prepare_shards, shard_stats
+from dlm.data_streams.shards import ShardSet, read_index
+from dlm.data_streams.sources import HubDataset, detect_format, iter_documents, resolve_files
+from dlm.data_streams.split import is_eval_document
+from dlm.data_streams.stream import TrainStream, build_pretrain_stream, open_source, validate_data_source
+from dlm.data_streams.tokenizer import (
+    TokenizerInfo,
+    bundled_tokenizer_dir,
+    check_vocab,
+    encode_texts,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 
 __all__ = [
-    "PretrainData",
+    "FORMATS",
+    "HubDataset",
+    "ShardSet",
     "TokenizerInfo",
+    "TrainStream",
+    "build_pretrain_stream",
     "bundled_tokenizer_dir",
     "check_vocab",
     "detect_format",
+    "encode_texts",
+    "format_stats",
     "is_eval_document",
     "iter_documents",
-    "load_pretrain_data",
     "load_tokenizer",
+    "open_source",
     "pack",
+    "parse_source",
+    "prepare_shards",
+    "read_index",
     "resolve_files",
+    "shard_stats",
+    "tokenizer_fingerprint",
+    "validate_data_source",
 ]

@@ -7,12 +7,17 @@ branches on which engine runs it.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
+import safetensors
 import torch
+import torch.distributed as dist
+from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from dlm.config import RunConfig
+from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss
 from dlm.training.schedule import build_scheduler
 
 
@@ -34,9 +39,21 @@ class Engine(Protocol):
     def lr(self) -> float:
         """The learning rate the next step will use."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def save_checkpoint(self, path: Path) -> None:
+        """Write model, optimizer and LR-schedule state into the (temporary) directory ``path``."""
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore what :meth:`save_checkpoint` wrote, exactly."""
+
+    def loss(self, noised: NoisedBatch, chunk_size: int) -> LossParts:
+        """Forward and masked-token loss of one micro-batch (un-normalised).
+
+        Through the engine rather than ``diffusion_loss(engine.model, ...)`` because ZeRO-3 can gather the
+        partitioned LM-head weight only inside a module's forward.
+        """
+
+    def gathered_model(self) -> ContextManager[nn.Module]:
+        """The model with whole parameters (to save final weights); under ZeRO-3 a collective on every rank."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -71,11 +88,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 class PlainEngine:
-    """Single-process torch: AdamW, warmup + cosine, global-norm clipping, optional bf16 autocast."""
+    """Plain torch: AdamW, warmup + cosine, global-norm clipping, optional bf16 autocast.
+
+    On several ranks (``dlm launch --workers N`` with ``engine.kind=plain``) it is plain data parallelism:
+    rank 0's weights are broadcast once, and each step sums the gradients over ranks in one flat all-reduce
+    before clipping (the loss is already divided by the global normaliser, so the sum is the gradient).
+    DeepSpeed overlaps that reduction with backward and shards the states; use it for real multi-GPU runs.
+    """
 
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
         self.model = model
         self.device = device
+        self.data_parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if self.data_parallel:
+            for param in model.parameters():
+                dist.broadcast(param.data, src=0)
         self.amp_dtype = resolve_precision(cfg.engine.precision, device)
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = torch.optim.AdamW(
@@ -102,6 +129,8 @@ class PlainEngine:
         loss.backward()
 
     def step(self) -> Tensor:
+        if self.data_parallel:
+            _sum_gradients_over_ranks(self.model)
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
@@ -113,20 +142,104 @@ class PlainEngine:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
+    def loss(self, noised: NoisedBatch, chunk_size: int) -> LossParts:
+        return diffusion_loss(self.model, noised, chunk_size)
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+    def gathered_model(self) -> ContextManager[nn.Module]:
+        return contextlib.nullcontext(self.model)
+
+    def save_checkpoint(self, path: Path) -> None:
+        """Weights as safetensors (``save_model`` handles tied weights); optimizer and schedule via torch.save.
+        Data-parallel ranks hold identical state, so rank 0 alone writes it."""
+        if self.data_parallel and dist.get_rank() != 0:
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(path / "model.safetensors"))
+        torch.save(
+            {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}, path / "optim.pt"
+        )
+
+    def load_checkpoint(self, path: Path) -> None:
+        from dlm.training.checkpoint import CheckpointError
+
+        try:
+            missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
+            state = torch.load(path / "optim.pt", map_location=self.device, weights_only=True)
+        except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
+            raise CheckpointError(f"cannot read the engine state in {path}: {exc}; resume from an older step") from None
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model: missing {sorted(missing)}, unexpected "
+                f"{sorted(unexpected)}; resume with the config it was written with"
+            )
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def _sum_gradients_over_ranks(model: nn.Module) -> None:
+    """One all-reduce of every gradient flattened together (a missing gradient counts as zeros, so every
+    rank's buffer has the same layout)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1) for param in params])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    offset = 0
+    for param in params:
+        count = param.grad.numel()
+        param.grad.copy_(flat[offset : offset + count].view_as(param.grad))
+        offset += count
+
+
+def checkpoint_blocks(model: nn.Module) -> None:
+    """Activation checkpointing: keep only each block's input and recompute its inside during backward.
+
+    Trades about a third more compute for activation memory that no longer grows with the block's width;
+    non-reentrant checkpointing so that ZeRO-3's gather hooks run again in the recomputation. In eval
+    (no grad) the block runs normally.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def wrap(forward: Any) -> Any:
+        def checkpointed(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+        return checkpointed
+
+    blocks = getattr(model, "blocks", None)
+    if blocks is None:
+        raise TypeError(f"{type(model).__name__} has no .blocks to checkpoint")
+    for block in blocks:
+        block.forward = wrap(block.forward)
+
+
+def build_training_model(cfg: RunConfig, device: torch.device, world_size: int = 1) -> nn.Module:
+    """The model the engine will own: built already partitioned under ZeRO-3 ``zero.Init`` when configured,
+    otherwise as :func:`dlm.modeling.build_model` builds it; activation checkpointing applied if asked."""
+    from dlm.modeling import build_model
+
+    arch = cfg.model.resolve()
+    if cfg.engine.kind == "deepspeed":
+        from dlm.training.deepspeed_engine import build_partitioned_model, uses_zero_init
+
+        if uses_zero_init(cfg, arch):
+            model = build_partitioned_model(cfg, arch, device, world_size)
+        else:
+            model = build_model(arch, device)
+    else:
+        model = build_model(arch, device)
+    if cfg.engine.activation_checkpointing:
+        checkpoint_blocks(model)
+    return model
+
+
 def build_engine(cfg: RunConfig, model: nn.Module, device: torch.device) -> Engine:
-    """The engine named by ``engine.kind``."""
-    engines = {"plain": PlainEngine}
-    return engines[cfg.engine.kind](model, cfg, device)
+    """The engine named by ``engine.kind`` (DeepSpeed is imported only when asked for: it is slow to import)."""
+    if cfg.engine.kind == "deepspeed":
+        from dlm.training.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(model, cfg, device)
+    return PlainEngine(model, cfg, device)

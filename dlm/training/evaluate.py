@@ -14,7 +14,7 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from dlm.training.objective import diffusion_loss, forward_process, mask_generator
+from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss, forward_process, mask_generator
 
 
 @torch.no_grad()
@@ -29,8 +29,13 @@ def evaluate_nelbo(
     device: torch.device,
     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     chunk_size: int = 4096,
+    loss_fn: Callable[[NoisedBatch, int], LossParts] | None = None,
 ) -> float:
-    """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over tokens seen."""
+    """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over tokens seen.
+
+    ``loss_fn`` (default: :func:`diffusion_loss` on ``model``) lets an engine run the loss itself: ZeRO-3 can
+    gather the partitioned LM head only inside its module's forward (``Engine.loss``).
+    """
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -45,7 +50,7 @@ def evaluate_nelbo(
                 input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, t=(k + u) / samples
             )
             with autocast():
-                parts = diffusion_loss(model, noised, chunk_size)
+                parts = loss_fn(noised, chunk_size) if loss_fn else diffusion_loss(model, noised, chunk_size)
             total += float(parts.loss_sum)
             tokens += noised.num_tokens
     model.train(was_training)

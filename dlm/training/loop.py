@@ -2,6 +2,11 @@
 
 It delegates everything that varies: the engine owns backward and the optimizer, the objective owns
 masking and the loss, :mod:`dlm.data_streams` owns batches, :class:`~dlm.training.metrics.Metrics` owns logging.
+
+The same loop runs as one process or as one rank of many (``dlm launch``, Ray Train): every rank reads its
+own shard of the data and keeps its own data/RNG state in the checkpoints; the loss normaliser and the
+logged values are summed over ranks; rank 0 alone writes what exists once per run (metrics, wandb, plots,
+summary, final weights). Code outside the loop observes it through :class:`~dlm.training.hooks.TrainHook`.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +23,16 @@ import numpy as np
 import torch
 
 from dlm.config import RunConfig, dump_resolved
-from dlm.data_streams import check_vocab, load_pretrain_data, load_tokenizer, resolve_files
-from dlm.modeling import build_model, model_info
-from dlm.training.engine import build_engine, resolve_device
+from dlm.data_streams import build_pretrain_stream, check_vocab, load_tokenizer, validate_data_source
+from dlm.errors import ConfigError
+from dlm.modeling import model_info
+from dlm.training.checkpoint import Checkpointer, rng_state, set_rng_state, step_dir_name
+from dlm.training.distributed import DistContext, init_distributed
+from dlm.training.engine import build_engine, build_training_model, resolve_device
 from dlm.training.evaluate import evaluate_nelbo
+from dlm.training.hooks import StepInfo, TrainHook
 from dlm.training.metrics import Metrics
-from dlm.training.objective import T_BUCKETS, diffusion_loss, forward_process, mask_generator
+from dlm.training.objective import T_BUCKETS, forward_process, mask_generator
 from dlm.training.report import plot_loss_curve, save_weights
 
 
@@ -33,38 +43,60 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def train(cfg: RunConfig) -> dict[str, Any]:
+def train(cfg: RunConfig, hooks: Sequence[TrainHook] = ()) -> dict[str, Any]:
     """Train as configured and return the summary that is also written to ``summary.json``."""
+    ctx = init_distributed(resolve_device(cfg.run.device), require_group=cfg.engine.kind == "deepspeed")
+    try:
+        return _train(cfg, ctx, hooks)
+    finally:
+        ctx.close()
+
+
+def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict[str, Any]:
     started = time.perf_counter()
-    device = resolve_device(cfg.run.device)
+    device = ctx.device
+    if ctx.world_size != cfg.launcher.workers:
+        raise ConfigError(
+            f"config error: launcher.workers = {cfg.launcher.workers} but this job has {ctx.world_size} rank(s); "
+            f"the batch sizes were checked for {cfg.launcher.workers}: use dlm launch --workers "
+            f"{cfg.launcher.workers}, or set launcher.workers={ctx.world_size}"
+        )
     tokenizer = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.mask_token)
     arch = cfg.model.resolve()
     check_vocab(tokenizer, arch.vocab_size)
-    resolve_files(cfg.data.paths)  # fail on a bad path before the run directory exists
+    validate_data_source(cfg.data, tokenizer)  # fail on a bad path, hub name or shards before the run dir exists
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    dump_resolved(cfg, run_dir)
+    if ctx.is_main:
+        dump_resolved(cfg, run_dir)
     seed_everything(cfg.run.seed)
 
-    data = load_pretrain_data(
-        cfg.data.paths,
-        tokenizer,
-        cfg.data.seq_len,
-        text_column=cfg.data.text_column,
-        eval_fraction=cfg.data.eval_fraction,
-        max_docs=cfg.data.max_docs,
-        show_progress=cfg.logging.progress,
+    data = build_pretrain_stream(
+        cfg.data, tokenizer, seed=cfg.run.seed, micro_batch_size=cfg.run.micro_batch_size, rank=ctx.rank,
+        world_size=ctx.world_size,
     )
-    model = build_model(arch, device)
-    engine = build_engine(cfg, model, device)
+    engine = build_engine(cfg, build_training_model(cfg, device, ctx.world_size), device)
     info = model_info(arch, cfg.data.seq_len)
-    metrics = Metrics(cfg, run_dir, info["flops_per_token"], device)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last)
+    resolved = cfg.resolved()
+    resumed = _resume(cfg, checkpointer, resolved, engine, data, ctx)
+    start_step = resumed.get("step", 0)
+    # Tokens are counted over all ranks, so FLOPs per token / world size makes TFLOP/s and MFU per device.
+    metrics = (
+        Metrics(cfg, run_dir, info["flops_per_token"] / ctx.world_size, device, start_step=start_step)
+        if ctx.is_main
+        else None
+    )
+    tokens_seen = int(resumed.get("tokens_seen", 0))
+    if metrics is not None:
+        metrics.tokens_seen = tokens_seen
 
     def eval_batches() -> Any:
         return _take(data.eval_batches(cfg.run.micro_batch_size), cfg.run.eval_batches)
 
     def run_eval(step: int) -> float:
+        """Every rank evaluates the same held-out rows (ZeRO-3 needs all of them in each forward)."""
         nelbo = evaluate_nelbo(
             engine.model,
             eval_batches(),
@@ -75,23 +107,27 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             device=device,
             autocast=engine.autocast,
             chunk_size=cfg.objective.loss_chunk_size,
+            loss_fn=engine.loss,
         )
-        metrics.log_eval(step, {"eval_nelbo": nelbo})
+        if metrics is not None:
+            metrics.log_eval(step, {"eval_nelbo": nelbo})
         return nelbo
 
-    batches = data.train_batches(cfg.run.micro_batch_size, cfg.run.seed)
+    batches = iter(data)
     last: dict[str, Any] = {}
-    train_seconds = 0.0
+    train_seconds = float(resumed.get("train_seconds", 0.0))
     try:
-        for step in range(1, cfg.run.steps + 1):
+        for step in range(start_step + 1, cfg.run.steps + 1):
             step_start = time.perf_counter()
             micro = [_to_device(next(batches), device, cfg.data.doc_attention) for _ in range(cfg.run.grad_accum_steps)]
             data_seconds = time.perf_counter() - step_start
+            # Masks are keyed by the micro-batch's slot in the global batch (rank-major), like the data stream's
+            # consumers: 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw.
             noised = [
                 forward_process(
                     batch["input_ids"],
                     tokenizer.mask_id,
-                    mask_generator(cfg.run.seed, step, 0, index),
+                    mask_generator(cfg.run.seed, step, 0, ctx.rank * cfg.run.grad_accum_steps + index),
                     eps=cfg.objective.eps,
                     doc_ids=batch.get("doc_ids"),
                     random_length_prob=cfg.objective.random_length_prob,
@@ -99,13 +135,13 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                 )
                 for index, batch in enumerate(micro)
             ]
-            denominator = sum(n.normalizer for n in noised)
+            denominator = _global_denominator(sum(n.normalizer for n in noised), ctx)
             loss = torch.zeros((), device=device)
             bucket_sums = torch.zeros(len(T_BUCKETS), device=device)
             bucket_counts = torch.zeros(len(T_BUCKETS), device=device)
             for n in noised:
                 with engine.autocast():
-                    parts = diffusion_loss(engine.model, n, cfg.objective.loss_chunk_size)
+                    parts = engine.loss(n, cfg.objective.loss_chunk_size)
                 engine.backward(parts.loss_sum / denominator)
                 loss += parts.loss_sum.detach() / denominator
                 bucket_sums += parts.bucket_sums
@@ -113,22 +149,52 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             lr = engine.lr()
             grad_norm = engine.step()
             tokens = sum(n.num_tokens for n in noised)
-            record = metrics.update(step, loss, bucket_sums, bucket_counts, grad_norm, lr, tokens, data_seconds)
+            if ctx.world_size > 1:
+                loss, bucket_sums, bucket_counts, tokens = _sum_over_ranks(ctx, loss, bucket_sums, bucket_counts, tokens)
+            tokens_seen += tokens
+            record = None
+            if metrics is not None:
+                record = metrics.update(step, loss, bucket_sums, bucket_counts, grad_norm, lr, tokens, data_seconds)
             train_seconds += time.perf_counter() - step_start
             if record is not None:
                 last = record
+            if hooks:
+                done = StepInfo(step=step, rank=ctx.rank, world_size=ctx.world_size, loss=loss.detach(), batches=micro,
+                                record=record, model=engine.model)
+                for hook in hooks:
+                    hook.on_step_end(done)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
                 run_eval(step)
+            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+                client_state = {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "train_seconds": train_seconds,
+                    "data": data.state_dict(),
+                    "rng": rng_state(),
+                }
+                saved = _save_checkpoint(ctx, checkpointer, step, engine, client_state, resolved)
+                for hook in hooks:
+                    hook.on_checkpoint(step, saved, ctx.is_main)
         eval_nelbo = run_eval(cfg.run.steps)
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+        data.close()
 
     if cfg.checkpoint.save_final:
-        save_weights(engine.model, arch, run_dir)
+        with engine.gathered_model() as whole:  # ZeRO-3: a collective, every rank enters
+            if ctx.is_main:
+                save_weights(whole, arch, run_dir)
+    counters = data.counters()
+    if ctx.world_size > 1:
+        keys = sorted(counters)
+        summed = ctx.all_reduce_sum(torch.tensor([counters[k] for k in keys], dtype=torch.float64, device=device))
+        counters = {k: int(v) for k, v in zip(keys, summed.tolist())}
     summary = {
         "steps": cfg.run.steps,
-        "tokens_seen": metrics.tokens_seen,
-        "tokens_per_s": metrics.tokens_seen / max(train_seconds, 1e-9),
+        "tokens_seen": tokens_seen,
+        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
         "final_train_loss": last.get("loss"),
         "eval_nelbo": eval_nelbo,
         "unigram_entropy": data.unigram_cross_entropy(),
@@ -137,12 +203,86 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         "non_embedding_params": info["non_embedding_params"],
         "flops_per_token": info["flops_per_token"],
         "device": str(device),
-        "train_rows": int(data.train_rows.shape[0]),
-        "eval_rows": int(data.eval_rows.shape[0]),
+        "world_size": ctx.world_size,
+        "engine": cfg.engine.kind,
+        "eval_rows": data.num_eval_rows,
+        "data": counters,
     }
-    _write_json_atomic(run_dir / "summary.json", summary)
-    plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", summary["unigram_entropy"])
+    if ctx.is_main:
+        _write_json_atomic(run_dir / "summary.json", summary)
+        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", summary["unigram_entropy"])
+    for hook in hooks:
+        hook.on_train_end(summary)
     return summary
+
+
+def _global_denominator(local: float, ctx: DistContext) -> float | torch.Tensor:
+    """The step's normaliser over all ranks; a device tensor (no host sync) when there are several."""
+    if ctx.world_size == 1:
+        return local
+    return ctx.all_reduce_sum(torch.tensor(float(local), dtype=torch.float32, device=ctx.device))
+
+
+def _sum_over_ranks(
+    ctx: DistContext, loss: torch.Tensor, bucket_sums: torch.Tensor, bucket_counts: torch.Tensor, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One all-reduce for everything logged: each rank's loss is already its share of the global mean."""
+    n = bucket_sums.numel()
+    packed = torch.cat(
+        [loss.reshape(1), bucket_sums, bucket_counts, torch.tensor([float(tokens)], device=ctx.device)]
+    ).double()
+    packed = ctx.all_reduce_sum(packed)
+    return packed[0].float(), packed[1 : 1 + n].float(), packed[1 + n : 1 + 2 * n].float(), int(packed[-1].item())
+
+
+def _save_checkpoint(
+    ctx: DistContext, checkpointer: Checkpointer, step: int, engine: Any, client_state: dict[str, Any],
+    resolved: dict[str, Any],
+) -> Path:
+    """One complete checkpoint written by every rank (engine partitions, per-rank client state), committed
+    by rank 0 once all of them are on disk; the directory must be shared by all ranks' nodes."""
+    if ctx.world_size == 1:
+        return checkpointer.save(step, engine, client_state, resolved)
+    tmp = checkpointer.root / f"{step_dir_name(step)}.tmp"
+    if ctx.is_main:
+        checkpointer.begin(step)
+    ctx.barrier()
+    try:
+        engine.save_checkpoint(tmp / "engine")
+        Checkpointer.write_client_state(tmp, ctx.rank, client_state)
+        ctx.barrier()
+        if ctx.is_main:
+            checkpointer.commit(tmp, step, resolved)
+    except BaseException:
+        if ctx.is_main:
+            checkpointer.abort(tmp)
+        raise
+    ctx.barrier()
+    return checkpointer.root / step_dir_name(step)
+
+
+def _resume(
+    cfg: RunConfig, checkpointer: Checkpointer, resolved: dict[str, Any], engine: Any, data: Any, ctx: DistContext
+) -> dict[str, Any]:
+    """Restore engine, data position and RNGs from ``checkpoint.resume``; the client state, or {} for a fresh run.
+
+    The mask draw needs no state (it is a function of seed and step), so restoring these is all it takes
+    for the resumed run to repeat the uninterrupted one bit for bit. Every rank restores its own data
+    position and RNGs (``client_rank{r}.pt``); the engine load is collective.
+    """
+    if not cfg.checkpoint.resume:
+        return {}
+    path = checkpointer.resolve(cfg.checkpoint.resume)
+    if path is None:
+        return {}
+    Checkpointer.check_compatible(path, resolved)
+    engine.load_checkpoint(path / "engine")
+    client = Checkpointer.read_client_state(path, ctx.rank)
+    data.load_state_dict(client["data"])
+    set_rng_state(client["rng"])
+    if ctx.is_main:
+        print(f"resumed from {path} at step {client['step']}", flush=True)
+    return client
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device, doc_attention: bool) -> dict[str, torch.Tensor]:

@@ -65,14 +65,20 @@ class Metrics:
         self.peak = peak_tflops(device, cfg.logging.peak_tflops)
         self.device = device
         self.path = run_dir / "metrics.jsonl"
-        if start_step == 0:
-            self.path.write_text("")
+        self._truncate_after(start_step)
         self.bar = tqdm(
             total=cfg.run.steps, initial=start_step, disable=not cfg.logging.progress, desc="train", unit="step"
         )
         self.wandb = self._init_wandb(cfg, run_dir)
         self.tokens_seen = 0
         self._reset_window()
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records up to ``step``: after a resume, steps past the checkpoint are logged again."""
+        kept = []
+        if step > 0 and self.path.is_file():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     @staticmethod
     def _init_wandb(cfg: RunConfig, run_dir: Path) -> Any:
