@@ -30,6 +30,9 @@ from .conftest import ROOT, tiny_overrides
 # CI run builds it at most once, and a developer's second run never.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch-extensions"))
 
+# Ray's own modules warn about their deprecated settings on import; nothing here uses them.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
+
 SMOKE = str(ROOT / "configs" / "smoke.yaml")
 LLADA_8B = str(ROOT / "configs" / "fineweb-llada-8b.yaml")
 
