@@ -165,11 +165,20 @@ def _engine_losses(engine: Any, rank: int, world: int, accum: int) -> list[tuple
 def _engine_worker(rank: int, port: int, variants: list[list[str]], results: Any) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
-    from dlm.config import load_config
     from dlm.training.distributed import init_distributed
+
+    ctx = init_distributed(torch.device("cpu"))
+    try:
+        _run_variants(rank, variants, results)
+        ctx.barrier()  # neither rank tears the group down while the other still uses it
+    finally:
+        ctx.close()  # a gloo group still alive at interpreter exit can abort the process (SIGABRT)
+
+
+def _run_variants(rank: int, variants: list[list[str]], results: Any) -> None:
+    from dlm.config import load_config
     from dlm.training.engine import build_engine, build_training_model
 
-    init_distributed(torch.device("cpu"))
     for variant in variants:
         cfg = load_config(None, [*ENGINE_BASE, "run.grad_accum_steps=2", "launcher.kind=multiprocess",
                                  "launcher.workers=2", *variant])

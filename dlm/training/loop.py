@@ -47,7 +47,9 @@ def train(cfg: RunConfig, hooks: Sequence[TrainHook] = ()) -> dict[str, Any]:
     """Train as configured and return the summary that is also written to ``summary.json``."""
     ctx = init_distributed(resolve_device(cfg.run.device), require_group=cfg.engine.kind == "deepspeed")
     try:
-        return _train(cfg, ctx, hooks)
+        summary = _train(cfg, ctx, hooks)
+        ctx.barrier()  # no rank tears the group down while another still uses it
+        return summary
     finally:
         ctx.close()
 
