@@ -138,6 +138,16 @@ def _data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_synthetic(args: argparse.Namespace) -> int:
+    from dlm.evaluation.synthetic import write_jsonl
+
+    examples = write_jsonl(args.out_file, args.n, args.seed, args.max_answer_tokens, args.tasks.split(","))
+    items = sorted(e.items for e in examples)
+    print(f"wrote {len(examples)} examples to {args.out_file} (answer tokens: min {items[0]}, "
+          f"median {items[len(items) // 2]}, max {items[-1]})")
+    return 0
+
+
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     data = sub.add_parser("data", help="prepare token shards from text, and inspect them")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -157,6 +167,13 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     stats.add_argument("out_dir", help="directory holding index.json")
     stats.add_argument("--json", action="store_true", help="print one JSON object")
     stats.set_defaults(func=_data_stats)
+    synth = data_sub.add_parser("synthetic", help="write the synthetic length task (gsm8k-style question/answer jsonl)")
+    synth.add_argument("out_file", help="JSON Lines file to write")
+    synth.add_argument("--n", type=int, default=10_000, help="number of examples")
+    synth.add_argument("--seed", type=int, default=0, help="the data is a pure function of the seed")
+    synth.add_argument("--max-answer-tokens", type=int, default=250, help="longest answer in GPT-2 tokens")
+    synth.add_argument("--tasks", default="repeat,count,reverse,sort", help="comma-separated subset of the tasks")
+    synth.set_defaults(func=_data_synthetic)
 
 
 def _generate(args: argparse.Namespace) -> int:
