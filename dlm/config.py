@@ -131,19 +131,48 @@ class DataSection(Section):
 
 
 class ObjectiveSection(Section):
-    """The masked-diffusion objective (LLaDA).
+    """The masked-diffusion objective (LLaDA), the jointly trained length head and AR-adaptation switches."""
 
-    ``kind`` lists what the data path can feed: SFT (prompt never masked) is implemented in
-    :func:`dlm.training.objective.forward_process` and becomes selectable here with prompt/answer rows.
-    """
-
-    kind: Literal["pretrain"] = "pretrain"
+    kind: Literal["pretrain", "sft"] = Field(
+        "pretrain", description="sft: the prompt is never masked, each answer's loss is normalised by its length"
+    )
     eps: float = Field(1e-3, ge=0.0, lt=1.0, description="p_mask = (1 - eps) t + eps keeps every t maskable")
     random_length_prob: float = Field(0.01, ge=0.0, le=1.0)
     t_sampling: Literal["uniform", "stratified"] = Field(
         "uniform", description="uniform: LLaDA's iid t; stratified: (i + u) / B, same expectation, less variance"
     )
     loss_chunk_size: int = Field(1024, gt=0, description="masked rows per LM-head chunk (1024 x 126k vocab = 0.5 GB fp32)")
+    length_loss_weight: float = Field(
+        0.0, ge=0.0, description="weight of the length head's loss in the joint objective; 0 leaves it untrained"
+    )
+    length_rows: float = Field(
+        0.25, gt=0.0, le=1.0,
+        description="share of each micro-batch's rows drawn in the generation-start state (answer fully masked) "
+        "for the length head",
+    )
+    shift: bool = Field(False, description="position i predicts token i+1 (AR adaptation, DiffuGPT/DiffuLLaMA)")
+    attention_annealing_steps: int = Field(
+        0, ge=0, description="steps over which attention goes from causal to bidirectional (DiffuLLaMA); 0 = off"
+    )
+
+
+class CurriculumSection(Section):
+    """Sequence length by optimizer step, tokens per step held constant; pad-share annealing for padded rows.
+
+    ``data.seq_len`` is the longest length and ``run.micro_batch_size`` the rows at that length; a shorter
+    length ``n`` gets ``micro_batch_size * data.seq_len / n`` rows, so ``n`` must divide that token count.
+    """
+
+    kind: Literal["none", "stages", "linear", "root"] = Field(
+        "none", description="stages: [[from_step, seq_len], ...]; linear / root: grow start_len -> data.seq_len"
+    )
+    start_len: int = Field(64, gt=1)
+    steps: int = Field(0, ge=0, description="linear / root: optimizer steps to reach data.seq_len")
+    stages: list[tuple[int, int]] = Field(default_factory=list, description="[from_step, seq_len] pairs, step 1 first")
+    multiple: int = Field(64, gt=0, description="linear / root lengths are multiples of this")
+    pad_annealing_steps: int = Field(
+        0, ge=0, description="rows/sft: the share of EOS padding that may be masked rises 0 -> 1 over these steps"
+    )
 
 
 class OptimSection(Section):
@@ -370,6 +399,7 @@ class RunConfig(Section):
     tokenizer: TokenizerSection = Field(default_factory=TokenizerSection)
     data: DataSection = Field(default_factory=DataSection)
     objective: ObjectiveSection = Field(default_factory=ObjectiveSection)
+    curriculum: CurriculumSection = Field(default_factory=CurriculumSection)
     optim: OptimSection = Field(default_factory=OptimSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
     engine: EngineSection = Field(default_factory=EngineSection)
@@ -396,6 +426,11 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _objective(self) -> RunConfig:
+        _check_objective(self)
+        return self
+
+    @model_validator(mode="after")
     def _distributed(self) -> RunConfig:
         _check_distributed(self)
         return self
@@ -405,6 +440,62 @@ class RunConfig(Section):
         tree = self.model_dump(mode="json")
         tree["model"] = {"preset": self.model.preset, **self.model.resolve().model_dump(mode="json")}
         return tree
+
+
+def curriculum_lengths(tokens: int, max_len: int, multiple: int) -> list[int]:
+    """Row lengths a linear / root curriculum may use: multiples of ``multiple`` (and ``max_len`` itself) that
+    split ``tokens`` into whole rows, so the tokens per step stay exactly constant."""
+    return [n for n in range(2, max_len + 1) if tokens % n == 0 and (n % multiple == 0 or n == max_len)]
+
+
+def _check_objective(cfg: RunConfig) -> None:
+    """The objective, the row format, the length head and the curriculum must fit together."""
+    objective, data, curriculum = cfg.objective, cfg.data, cfg.curriculum
+    if (objective.kind == "sft") != (data.format == "sft"):
+        fix = "set objective.kind=sft" if data.format == "sft" else "use data.format=sft for SFT"
+        raise _CrossFieldError("objective.kind", objective.kind, f"does not fit data.format = {data.format!r}; {fix}")
+    if objective.length_loss_weight > 0:
+        head = cfg.model.resolve().length_head
+        if head is None or not head.enabled:
+            raise _CrossFieldError(
+                "objective.length_loss_weight", objective.length_loss_weight,
+                "needs a length head: set model.length_head.max_len (a power of two), or weight 0",
+            )
+        if data.format == "pretrain-packed":
+            raise _CrossFieldError(
+                "objective.length_loss_weight", objective.length_loss_weight,
+                "needs rows with answer lengths: data.format rows ([text, EOS, pad ...]) or sft",
+            )
+    if curriculum.pad_annealing_steps and data.format == "pretrain-packed":
+        raise _CrossFieldError("curriculum.pad_annealing_steps", curriculum.pad_annealing_steps,
+                               "applies to padded rows only: data.format rows or sft")
+    if curriculum.kind == "none":
+        return
+    tokens = cfg.run.micro_batch_size * data.seq_len
+    allowed = curriculum_lengths(tokens, data.seq_len, curriculum.multiple)
+    allowed_text = ", ".join(map(str, allowed)) or "none"
+    if curriculum.kind == "stages":
+        if not curriculum.stages or curriculum.stages[0][0] != 1:
+            raise _CrossFieldError("curriculum.stages", curriculum.stages, "must start with [1, seq_len] and list [from_step, seq_len] pairs")
+        steps = [stage[0] for stage in curriculum.stages]
+        if steps != sorted(set(steps)):
+            raise _CrossFieldError("curriculum.stages", curriculum.stages, "from_step values must increase")
+        for _, length in curriculum.stages:
+            if length < 2 or length > data.seq_len or tokens % length:
+                raise _CrossFieldError(
+                    "curriculum.stages", curriculum.stages,
+                    f"seq_len {length} must divide the {tokens} tokens per micro-batch (run.micro_batch_size x "
+                    f"data.seq_len) and be at most data.seq_len = {data.seq_len}",
+                )
+        return
+    if curriculum.steps < 1:
+        raise _CrossFieldError("curriculum.steps", curriculum.steps, f"must be >= 1 for curriculum.kind = {curriculum.kind}")
+    if curriculum.start_len not in allowed:
+        raise _CrossFieldError(
+            "curriculum.start_len", curriculum.start_len,
+            f"must be a multiple of curriculum.multiple = {curriculum.multiple} that divides the {tokens} tokens per "
+            f"micro-batch (run.micro_batch_size x data.seq_len); allowed: {allowed_text}",
+        )
 
 
 def _check_distributed(cfg: RunConfig) -> None:

@@ -38,6 +38,7 @@ class LoadedModel:
     tokenizer: TokenizerInfo
     directory: Path
     template: PromptTemplate
+    shift: bool = False  # trained with objective.shift: position i predicts token i + 1
 
 
 def _run_config(directory: Path) -> dict[str, Any]:
@@ -95,7 +96,9 @@ def load_for_generation(
     if dtype is not None:
         model = model.to(_DTYPES[dtype] if isinstance(dtype, str) else dtype)
     model.eval().requires_grad_(False)
-    return LoadedModel(model, info, source.directory, _template_of(_run_config(source.directory)))
+    run_config = _run_config(source.directory)
+    shift = bool((run_config.get("objective") or {}).get("shift", False))
+    return LoadedModel(model, info, source.directory, _template_of(run_config), shift)
 
 
 def encode_prompt(loaded: LoadedModel, text: str, template: PromptTemplate | None = None) -> list[int]:
@@ -118,6 +121,7 @@ def generate_text(
     kwargs.setdefault("mask_id", loaded.tokenizer.mask_id)
     kwargs.setdefault("eos_id", loaded.tokenizer.eos_id)
     kwargs.setdefault("pad_id", loaded.tokenizer.pad_id)
+    kwargs.setdefault("shift", loaded.shift)
     result = generate(loaded.model, ids, **kwargs)
     texts = [str(loaded.tokenizer.tokenizer.decode(answer, skip_special_tokens=False)) for answer in result.answers]
     return texts, result

@@ -95,19 +95,23 @@ def run_model(model: Denoiser, rows: RowBatch, input_ids: Tensor | None = None, 
     return model(ids, doc_ids=doc_ids, position_ids=position_ids)
 
 
-def canvas_logits(model: Denoiser, rows: RowBatch, *, cfg_scale: float, mask_id: int) -> Tensor:
+def canvas_logits(model: Denoiser, rows: RowBatch, *, cfg_scale: float, mask_id: int, shift: bool = False) -> Tensor:
     """Logits ``[B, C, V]`` of the canvas positions, with unsupervised classifier-free guidance when
     ``cfg_scale > 0``.
 
     Guidance follows LLaDA: the unconditional rows are the rows with every prompt token replaced by the mask
     token, both variants go through the model in one batch (conditional first), and the logits combine as
     ``uncond + (cfg_scale + 1) · (cond - uncond)``. The LM head runs on the canvas only; prompt positions
-    never need logits.
+    never need logits. A model trained with ``objective.shift`` (AR adaptation) predicts position ``i`` from the
+    hidden state at ``i - 1``, so its canvas logits are read one position earlier.
     """
     start = rows.prompt_width
+    if shift and start < 1:
+        raise ValueError("a shift model needs at least one prompt token before the canvas")
+    lo, hi = (start - 1, rows.width - 1) if shift else (start, rows.width)
     if cfg_scale > 0:
         unconditional = rows.input_ids.masked_fill(rows.prompt_mask, mask_id)
         hidden = run_model(model, rows, torch.cat([rows.input_ids, unconditional], dim=0), repeat=2)
-        logits, un_logits = torch.chunk(model.logits(hidden[:, start:]), 2, dim=0)
+        logits, un_logits = torch.chunk(model.logits(hidden[:, lo:hi]), 2, dim=0)
         return un_logits + (cfg_scale + 1) * (logits - un_logits)
-    return model.logits(run_model(model, rows)[:, start:])
+    return model.logits(run_model(model, rows)[:, lo:hi])

@@ -159,13 +159,14 @@ class _Context:
     stop_at_eos: bool
     on_step: Callable[[StepRecord], None] | None
     device: torch.device
+    shift: bool = False
     passes: int = field(default=0)
 
 
 def _step(samples: list[_Sample], k: Tensor, block_end: int, ctx: _Context) -> None:
     """One denoising step for a group of samples sharing canvas length and block: commit ``k[j]`` tokens."""
     rows = pack_rows([s.prompt for s in samples], [s.canvas for s in samples], ctx.pad_id)
-    logits = canvas_logits(ctx.model, rows, cfg_scale=ctx.cfg_scale, mask_id=ctx.mask_id)
+    logits = canvas_logits(ctx.model, rows, cfg_scale=ctx.cfg_scale, mask_id=ctx.mask_id, shift=ctx.shift)
     ctx.passes += 1
     n, width = rows.input_ids.shape
     start = rows.prompt_width
@@ -357,6 +358,7 @@ def generate(
     prompt_mask: Tensor | None = None,
     batch_size: int | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
+    shift: bool = False,
 ) -> GenerationResult:
     """Sample an answer for every prompt with LLaDA's diffusion sampler (see the module docstring).
 
@@ -371,7 +373,8 @@ def generate(
     budget). ``stop_at_eos=False`` runs every schedule to the end, as LLaDA's reference does.
     ``generator`` (or ``seed``) drives the Gumbel and random-remasking noise; ``pad_id`` (default: EOS) fills
     left padding, which attention ignores. ``batch_size`` caps the rows per forward pass; ``on_step`` receives
-    a :class:`StepRecord` for every sample at every step.
+    a :class:`StepRecord` for every sample at every step. ``shift``: the model was trained with
+    ``objective.shift`` (an adapted AR model), so position ``i`` is predicted from the state at ``i - 1``.
     """
     started = time.perf_counter()
     _check_settings(steps, block_length, temperature, remasking, cfg_scale, mask_id, eos_id, batch_size)
@@ -393,7 +396,7 @@ def generate(
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     ctx = _Context(model, mask_id, eos_id, pad, temperature, remasking, cfg_scale, generator, stop_at_eos,
-                   on_step, device)
+                   on_step, device, shift)
 
     samples = []
     for i, (prompt, budget) in enumerate(zip(prompt_list, budgets)):

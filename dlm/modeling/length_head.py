@@ -211,24 +211,41 @@ class LengthHead(nn.Module):
         return LengthHeadOutput(eos_logits=eos_logits, bucket_logits=bucket_logits, edges=tuple(self.cfg.edges))
 
 
-def length_head_loss(
+@dataclass
+class LengthHeadTerms:
+    """Both heads' losses as *sums* (differentiable) with the counts and hits that normalise and score them.
+
+    Sums rather than means so that a training step split over micro-batches and ranks can divide by the
+    step's global counts and get the same mean however it is split.
+    """
+
+    eos_bce_sum: Tensor
+    eos_correct: Tensor
+    eos_count: Tensor
+    bucket_ce_sum: Tensor
+    bucket_correct: Tensor
+    bucket_count: Tensor
+
+    def stats(self) -> Tensor:
+        """Detached ``[eos_bce_sum, eos_correct, eos_count, bucket_ce_sum, bucket_correct, bucket_count]``."""
+        return torch.stack([self.eos_bce_sum.detach(), self.eos_correct, self.eos_count,
+                            self.bucket_ce_sum.detach(), self.bucket_correct, self.bucket_count]).float()
+
+
+def length_head_terms(
     out: LengthHeadOutput,
     answer_start: Tensor,
     answer_length: Tensor,
     *,
     canvas_mask: Tensor | None = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Joint loss of both heads: mean per-position BCE of the EOS head plus mean per-row CE of the bucket head.
+) -> LengthHeadTerms:
+    """Per-position BCE of the EOS head and per-row CE of the bucket head, summed.
 
     Row ``b``'s answer occupies positions ``answer_start[b] … answer_start[b] + answer_length[b] - 1``; every
     position from ``answer_start[b]`` on is scored by the EOS head, with target 1 from the first position past
     the answer (the first EOS) on and 0 before it. ``canvas_mask [B, T]`` (bool) restricts the scored positions
     further, e.g. to exclude a row's positions that are not part of its canvas. The bucket target is
     :func:`bucket_of` the answer length over ``out.edges``.
-
-    Returns ``(loss, metrics)``; the metrics are detached tensors (no host sync here): ``eos_bce``,
-    ``bucket_ce``, ``eos_acc``, ``bucket_acc`` and the sums/counts (``eos_bce_sum``, ``eos_count``,
-    ``bucket_ce_sum``, ``bucket_count``) a loop needs to normalise across micro-batches and ranks itself.
     """
     eos_logits, bucket_logits = out.eos_logits, out.bucket_logits
     b, t = eos_logits.shape
@@ -242,33 +259,51 @@ def length_head_loss(
     target = (rel >= answer_length[:, None]).to(eos_logits.dtype)
     bce = F.binary_cross_entropy_with_logits(eos_logits, target, reduction="none")
     weight = scored.to(eos_logits.dtype)
-    eos_count = weight.sum()
-    eos_bce_sum = (bce * weight).sum()
-    eos_bce = eos_bce_sum / eos_count.clamp(min=1.0)
     eos_correct = (((eos_logits > 0).to(target.dtype) == target).to(weight.dtype) * weight).sum()
 
     edges = out.edges
     bucket_target = bucket_of(answer_length.to(torch.long), edges[0], edges[-1])
     if bucket_logits.shape != (b, len(edges)):
         raise ValueError(f"bucket_logits must have shape [{b}, {len(edges)}], got {tuple(bucket_logits.shape)}")
-    ce = F.cross_entropy(bucket_logits, bucket_target, reduction="none")
-    bucket_ce_sum = ce.sum()
-    bucket_count = torch.tensor(float(b), device=ce.device)
-    bucket_ce = bucket_ce_sum / max(b, 1)
-    bucket_correct = (bucket_logits.argmax(dim=-1) == bucket_target).sum().to(ce.dtype)
+    bucket_correct = (bucket_logits.argmax(dim=-1) == bucket_target).sum().to(bucket_logits.dtype)
+    return LengthHeadTerms(
+        eos_bce_sum=(bce * weight).sum(),
+        eos_correct=eos_correct.detach(),
+        eos_count=weight.sum().detach(),
+        bucket_ce_sum=F.cross_entropy(bucket_logits, bucket_target, reduction="sum"),
+        bucket_correct=bucket_correct.detach(),
+        bucket_count=torch.tensor(float(b), device=bucket_logits.device),
+    )
 
-    loss = eos_bce + bucket_ce
+
+def length_head_loss(
+    out: LengthHeadOutput,
+    answer_start: Tensor,
+    answer_length: Tensor,
+    *,
+    canvas_mask: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Joint loss of both heads on one batch: mean per-position BCE of the EOS head plus mean per-row CE of
+    the bucket head (targets as in :func:`length_head_terms`).
+
+    Returns ``(loss, metrics)``; the metrics are detached tensors (no host sync here): ``eos_bce``,
+    ``bucket_ce``, ``eos_acc``, ``bucket_acc`` and the sums/counts (``eos_bce_sum``, ``eos_count``,
+    ``bucket_ce_sum``, ``bucket_count``).
+    """
+    terms = length_head_terms(out, answer_start, answer_length, canvas_mask=canvas_mask)
+    eos_bce = terms.eos_bce_sum / terms.eos_count.clamp(min=1.0)
+    bucket_ce = terms.bucket_ce_sum / terms.bucket_count.clamp(min=1.0)
     metrics = {
         "eos_bce": eos_bce.detach(),
         "bucket_ce": bucket_ce.detach(),
-        "eos_acc": (eos_correct / eos_count.clamp(min=1.0)).detach(),
-        "bucket_acc": (bucket_correct / max(b, 1)).detach(),
-        "eos_bce_sum": eos_bce_sum.detach(),
-        "eos_count": eos_count.detach(),
-        "bucket_ce_sum": bucket_ce_sum.detach(),
-        "bucket_count": bucket_count,
+        "eos_acc": terms.eos_correct / terms.eos_count.clamp(min=1.0),
+        "bucket_acc": terms.bucket_correct / terms.bucket_count.clamp(min=1.0),
+        "eos_bce_sum": terms.eos_bce_sum.detach(),
+        "eos_count": terms.eos_count,
+        "bucket_ce_sum": terms.bucket_ce_sum.detach(),
+        "bucket_count": terms.bucket_count,
     }
-    return loss, metrics
+    return eos_bce + bucket_ce, metrics
 
 
 def predict_eos_bound(

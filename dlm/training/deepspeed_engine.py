@@ -98,9 +98,12 @@ class _Objective(nn.Module):
         self.model = model
         self.chunk_size = chunk_size
 
-    def forward(self, noised: NoisedBatch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def forward(self, noised: NoisedBatch) -> tuple[Tensor, ...]:
         parts = diffusion_loss(self.model, noised, self.chunk_size)
-        return parts.loss_sum, parts.bucket_sums, parts.bucket_counts, torch.tensor(parts.num_masked)
+        out = (parts.loss_sum, parts.bucket_sums, parts.bucket_counts, torch.tensor(parts.num_masked))
+        if parts.length_loss is not None and parts.length_stats is not None:
+            out += (parts.length_loss, parts.length_stats)
+        return out
 
 
 def _decays(param: nn.Parameter) -> bool:
@@ -226,8 +229,11 @@ class DeepSpeedEngine:
     def loss(self, noised: NoisedBatch, chunk_size: int) -> LossParts:
         """Forward and masked loss through the DeepSpeed module (ZeRO-3 gathers what they touch)."""
         self._wrapper.chunk_size = chunk_size
-        loss_sum, bucket_sums, bucket_counts, num_masked = self.ds(noised)
-        return LossParts(loss_sum, bucket_sums, bucket_counts, int(num_masked))
+        loss_sum, bucket_sums, bucket_counts, num_masked, *length = self.ds(noised)
+        parts = LossParts(loss_sum, bucket_sums, bucket_counts, int(num_masked))
+        if length:
+            parts.length_loss, parts.length_stats = length
+        return parts
 
     def backward(self, loss: Tensor) -> None:
         """Accumulate the gradient of ``loss`` (already divided by the global normaliser) summed over ranks."""

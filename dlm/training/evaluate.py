@@ -30,8 +30,14 @@ def evaluate_nelbo(
     autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext,
     chunk_size: int = 4096,
     loss_fn: Callable[[NoisedBatch, int], LossParts] | None = None,
+    sft: bool = False,
+    shift: bool = False,
 ) -> float:
-    """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over tokens seen.
+    """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over the tokens that can be masked.
+
+    With ``sft`` the prompt is context and only answer tokens (EOS padding included) are scored, so the figure
+    is nats per answer token, comparable with the unigram baseline of the same tokens; under ``shift``
+    position 0 has no predictor and is context too.
 
     ``loss_fn`` (default: :func:`diffusion_loss` on ``model``) lets an engine run the loss itself: ZeRO-3 can
     gather the partitioned LM head only inside its module's forward (``Engine.loss``).
@@ -44,14 +50,18 @@ def evaluate_nelbo(
         input_ids = batch["input_ids"].to(device)
         doc_ids = batch.get("doc_ids")
         doc_ids = doc_ids.to(device) if doc_ids is not None else None
+        keep = batch["prompt_mask"].to(device).bool() if sft else torch.zeros_like(input_ids, dtype=torch.bool)
+        if shift:
+            keep[:, 0] = True
         u = torch.rand(input_ids.shape[0], generator=gen)
         for k in range(samples):
             noised = forward_process(
-                input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, t=(k + u) / samples
+                input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, t=(k + u) / samples, keep=keep
             )
+            noised.shift = shift
             with autocast():
                 parts = loss_fn(noised, chunk_size) if loss_fn else diffusion_loss(model, noised, chunk_size)
             total += float(parts.loss_sum)
-            tokens += noised.num_tokens
+            tokens += int((~keep).sum())
     model.train(was_training)
     return total / max(tokens, 1)

@@ -25,14 +25,16 @@ import torch
 from dlm.config import RunConfig, dump_resolved
 from dlm.data_streams import build_pretrain_stream, check_vocab, load_tokenizer, validate_data_source
 from dlm.errors import ConfigError
+from dlm.kernels import anneal_ratio
 from dlm.modeling import model_info
 from dlm.training.checkpoint import Checkpointer, rng_state, set_rng_state, step_dir_name
 from dlm.training.distributed import DistContext, init_distributed
 from dlm.training.engine import build_engine, build_training_model, resolve_device
+from dlm.training.curriculum import Curriculum
 from dlm.training.evaluate import evaluate_nelbo
 from dlm.training.hooks import StepInfo, TrainHook
 from dlm.training.metrics import Metrics
-from dlm.training.objective import T_BUCKETS, forward_process, mask_generator
+from dlm.training.objective import LENGTH_STATS, T_BUCKETS, NoisedBatch, mask_generator, noise_batch
 from dlm.training.report import plot_loss_curve, save_weights
 
 
@@ -110,53 +112,65 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
             autocast=engine.autocast,
             chunk_size=cfg.objective.loss_chunk_size,
             loss_fn=engine.loss,
+            sft=cfg.objective.kind == "sft",
+            shift=cfg.objective.shift,
         )
         if metrics is not None:
             metrics.log_eval(step, {"eval_nelbo": nelbo})
         return nelbo
 
+    curriculum = Curriculum.from_config(cfg)
+    train_length_head = cfg.objective.length_loss_weight > 0
     batches = iter(data)
     last: dict[str, Any] = {}
     train_seconds = float(resumed.get("train_seconds", 0.0))
     try:
         for step in range(start_step + 1, cfg.run.steps + 1):
             step_start = time.perf_counter()
+            schedule = curriculum.state(step)
+            data.set_seq_len(schedule["seq_len"])
             micro = [_to_device(next(batches), device, cfg.data.doc_attention) for _ in range(cfg.run.grad_accum_steps)]
             data_seconds = time.perf_counter() - step_start
             # Masks are keyed by the micro-batch's slot in the global batch (rank-major), like the data stream's
             # consumers: 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw.
             noised = [
-                forward_process(
-                    batch["input_ids"],
+                noise_batch(
+                    batch,
+                    cfg.objective,
                     tokenizer.mask_id,
                     mask_generator(cfg.run.seed, step, 0, ctx.rank * cfg.run.grad_accum_steps + index),
-                    eps=cfg.objective.eps,
-                    doc_ids=batch.get("doc_ids"),
-                    random_length_prob=cfg.objective.random_length_prob,
-                    stratified=cfg.objective.t_sampling == "stratified",
+                    train_length_head=train_length_head,
+                    pad_share=schedule["pad_share"],
+                    attention_ratio=anneal_ratio(step, cfg.objective.attention_annealing_steps),
                 )
                 for index, batch in enumerate(micro)
             ]
-            denominator = _global_denominator(sum(n.normalizer for n in noised), ctx)
+            denominator = _global_normalizers(noised, ctx)
             loss = torch.zeros((), device=device)
             bucket_sums = torch.zeros(len(T_BUCKETS), device=device)
             bucket_counts = torch.zeros(len(T_BUCKETS), device=device)
+            length_stats = torch.zeros(len(LENGTH_STATS), device=device) if train_length_head else None
             for n in noised:
                 with engine.autocast():
                     parts = engine.loss(n, cfg.objective.loss_chunk_size)
-                engine.backward(parts.loss_sum / denominator)
+                engine.backward(parts.objective(denominator))
                 loss += parts.loss_sum.detach() / denominator
                 bucket_sums += parts.bucket_sums
                 bucket_counts += parts.bucket_counts
+                if length_stats is not None and parts.length_stats is not None:
+                    length_stats += parts.length_stats
             lr = engine.lr()
             grad_norm = engine.step()
             tokens = sum(n.num_tokens for n in noised)
             if ctx.world_size > 1:
-                loss, bucket_sums, bucket_counts, tokens = _sum_over_ranks(ctx, loss, bucket_sums, bucket_counts, tokens)
+                loss, bucket_sums, bucket_counts, tokens, length_stats = _sum_over_ranks(
+                    ctx, loss, bucket_sums, bucket_counts, tokens, length_stats
+                )
             tokens_seen += tokens
             record = None
             if metrics is not None:
-                record = metrics.update(step, loss, bucket_sums, bucket_counts, grad_norm, lr, tokens, data_seconds)
+                record = metrics.update(step, loss, bucket_sums, bucket_counts, grad_norm, lr, tokens, data_seconds,
+                                        length_stats=length_stats, gauges=schedule)
             train_seconds += time.perf_counter() - step_start
             if record is not None:
                 last = record
@@ -174,6 +188,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
                     "train_seconds": train_seconds,
                     "data": data.state_dict(),
                     "rng": rng_state(),
+                    "curriculum": schedule,
                 }
                 saved = _save_checkpoint(ctx, checkpointer, step, engine, client_state, resolved)
                 for hook in hooks:
@@ -218,23 +233,40 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
     return summary
 
 
-def _global_denominator(local: float, ctx: DistContext) -> float | torch.Tensor:
-    """The step's normaliser over all ranks; a device tensor (no host sync) when there are several."""
+def _global_normalizers(noised: Sequence[NoisedBatch], ctx: DistContext) -> float | torch.Tensor:
+    """The step's diffusion normaliser over all micro-batches and ranks (returned; a device tensor, so no host
+    sync, when there are several ranks), and the length head's global position and row counts, set on each
+    batch's targets. One all-reduce for all three."""
+    local = [sum(n.normalizer for n in noised), 0.0, 0.0]
+    for n in noised:
+        if n.length is not None:
+            local[1] += n.length.num_positions(n.input_ids.shape[1])
+            local[2] += n.length.num_rows
     if ctx.world_size == 1:
-        return local
-    return ctx.all_reduce_sum(torch.tensor(float(local), dtype=torch.float32, device=ctx.device))
+        denominator, positions, rows = local[0], max(local[1], 1.0), max(local[2], 1.0)
+    else:
+        summed = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device)).float()
+        denominator, positions, rows = summed[0], summed[1].clamp(min=1.0), summed[2].clamp(min=1.0)
+    for n in noised:
+        if n.length is not None:
+            n.length.eos_norm, n.length.bucket_norm = positions, rows
+    return denominator
 
 
 def _sum_over_ranks(
-    ctx: DistContext, loss: torch.Tensor, bucket_sums: torch.Tensor, bucket_counts: torch.Tensor, tokens: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    ctx: DistContext, loss: torch.Tensor, bucket_sums: torch.Tensor, bucket_counts: torch.Tensor, tokens: int,
+    length_stats: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
     """One all-reduce for everything logged: each rank's loss is already its share of the global mean."""
     n = bucket_sums.numel()
+    extra = length_stats if length_stats is not None else torch.zeros(0, device=ctx.device)
     packed = torch.cat(
-        [loss.reshape(1), bucket_sums, bucket_counts, torch.tensor([float(tokens)], device=ctx.device)]
+        [loss.reshape(1), bucket_sums, bucket_counts, extra, torch.tensor([float(tokens)], device=ctx.device)]
     ).double()
     packed = ctx.all_reduce_sum(packed)
-    return packed[0].float(), packed[1 : 1 + n].float(), packed[1 + n : 1 + 2 * n].float(), int(packed[-1].item())
+    summed_extra = packed[1 + 2 * n : -1].float() if length_stats is not None else None
+    return (packed[0].float(), packed[1 : 1 + n].float(), packed[1 + n : 1 + 2 * n].float(), int(packed[-1].item()),
+            summed_extra)
 
 
 def _save_checkpoint(

@@ -104,6 +104,8 @@ class Metrics:
         self._steps = 0
         self._tokens = 0
         self._data_s = 0.0
+        self._length: Tensor | None = None
+        self._gauges: dict[str, float] = {}
         self._t0 = time.perf_counter()
 
     def update(
@@ -116,8 +118,19 @@ class Metrics:
         lr: float,
         tokens: int,
         data_seconds: float,
+        *,
+        length_stats: Tensor | None = None,
+        gauges: dict[str, float] | None = None,
     ) -> dict[str, Any] | None:
-        """Record optimizer step ``step`` (1-based); return the emitted record on log steps."""
+        """Record optimizer step ``step`` (1-based); return the emitted record on log steps.
+
+        ``length_stats`` are the length head's sums (:data:`~dlm.training.objective.LENGTH_STATS`), summed
+        over the window; ``gauges`` (the curriculum's seq_len and pad share) are reported as of the last step.
+        """
+        if length_stats is not None:
+            self._length = length_stats if self._length is None else self._length + length_stats
+        if gauges:
+            self._gauges = dict(gauges)
         self._loss += loss.detach().float()
         self._grad_norm += grad_norm.float().to(self.device)
         self._bucket_sums += bucket_sums
@@ -152,6 +165,15 @@ class Metrics:
         for hi, s, c in zip(T_BUCKETS, sums, counts):
             record[f"loss_t{lo:.2f}-{hi:.2f}"] = s / c if c else None
             lo = hi
+        if self._length is not None:
+            eos_bce, eos_hit, eos_n, bucket_ce, bucket_hit, bucket_n = self._length.tolist()
+            record.update({
+                "length_eos_bce": eos_bce / max(eos_n, 1.0),
+                "length_eos_acc": eos_hit / max(eos_n, 1.0),
+                "length_bucket_ce": bucket_ce / max(bucket_n, 1.0),
+                "length_bucket_acc": bucket_hit / max(bucket_n, 1.0),
+            })
+        record.update(self._gauges)
         if self.device.type == "cuda":
             record["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self._write(record)

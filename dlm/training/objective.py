@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.kernels import masked_lm_loss
+from dlm.config import ObjectiveSection
+from dlm.kernels import annealed_mask, masked_lm_loss
+from dlm.modeling.length_head import length_head_terms
 
 T_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 """Upper edges of the noise-level buckets the loss is reported by (low t = easy, almost nothing masked)."""
@@ -38,6 +40,34 @@ def mask_generator(seed: int, step: int, rank: int = 0, micro_step: int = 0) -> 
 
 
 @dataclass
+class LengthTargets:
+    """What the length head is trained on in one micro-batch: the rows seen in the generation-start state.
+
+    ``rows`` [B] bool selects them; for each, the answer starts at ``answer_start`` and is ``answer_length``
+    tokens long; ``prompt_mask`` [B, L] marks the context the bucket head pools. ``eos_norm`` and
+    ``bucket_norm`` are the *global* numbers of scored positions and rows of the whole optimizer step (all
+    micro-batches, all ranks), set by the loop before any forward runs, so the head's loss is one mean over the
+    step however it is split, like the diffusion loss.
+    """
+
+    rows: Tensor
+    answer_start: Tensor
+    answer_length: Tensor
+    prompt_mask: Tensor
+    weight: float
+    eos_norm: float | Tensor = 1.0
+    bucket_norm: float | Tensor = 1.0
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.rows.sum().item())
+
+    def num_positions(self, seq_len: int) -> int:
+        """EOS-head positions scored: every position from the answer start to the row's end."""
+        return int((seq_len - self.answer_start[self.rows]).clamp(min=0).sum().item())
+
+
+@dataclass
 class NoisedBatch:
     """One micro-batch after the forward process, plus what its loss will be divided by."""
 
@@ -49,6 +79,9 @@ class NoisedBatch:
     weights: Tensor  # [B] per-token loss weight of each sequence (1/p_mask, or 1/(p_mask * answer_len))
     normalizer: float  # B * L for pretraining, B for SFT: the micro-batch's share of the global denominator
     doc_ids: Tensor | None = None
+    shift: bool = False  # position i predicts token i + 1 (AR-adapted models, DiffuGPT / DiffuLLaMA)
+    attn_mask: Tensor | None = None  # bool [L, L] allowed keys (attention-mask annealing), None = full
+    length: LengthTargets | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +98,11 @@ def forward_process(
     random_length_prob: float = 0.0,
     t: Tensor | None = None,
     stratified: bool = False,
+    *,
+    keep: Tensor | None = None,
+    full_rows: Tensor | None = None,
+    pad_region: Tensor | None = None,
+    pad_share: float = 1.0,
 ) -> NoisedBatch:
     """Mask a clean batch. With ``prompt_mask`` (SFT) prompt tokens are never masked.
 
@@ -75,23 +113,41 @@ def forward_process(
     variance that the ``1 / p_mask`` weights put on the gradient.
     ``random_length_prob`` is LLaDA's trick of training on a random-length prefix for a small share of
     pretraining batches, so the model also sees sequences shorter than the packing length.
+
+    ``keep`` [B, L] marks positions that are never masked without changing the pretraining normalisation
+    (a document prefix given as context; position 0 under ``shift``). ``full_rows`` [B] puts those rows at
+    t = 1, the state generation starts from. ``pad_region`` [B, L] marks the EOS padding after a row's first
+    EOS: each of its tokens is maskable only with probability ``pad_share`` (pad-share annealing; otherwise
+    a short document's row is mostly the trivial job of predicting EOS).
     """
     batch, length = input_ids.shape
     device = input_ids.device
-    if prompt_mask is None and random_length_prob > 0.0:
+    # rows with a structure (prompt, answer, padding) keep their full length: a cut would break it
+    structured = prompt_mask is not None or full_rows is not None or pad_region is not None
+    if not structured and random_length_prob > 0.0:
         if torch.rand((), generator=generator).item() < random_length_prob:
             length = int(torch.randint(1, length + 1, (), generator=generator).item())
             input_ids = input_ids[:, :length]
             doc_ids = doc_ids[:, :length] if doc_ids is not None else None
+            keep = keep[:, :length] if keep is not None else None
     if t is not None:
         t = t.detach().float().cpu()
     elif stratified:
         t = (torch.arange(batch, dtype=torch.float32) + torch.rand((), generator=generator)) / batch
     else:
         t = torch.rand(batch, generator=generator)
+    if full_rows is not None:
+        t = torch.where(full_rows.cpu(), torch.ones_like(t), t)
     p_mask = (1.0 - eps) * t + eps
+    if full_rows is not None:
+        p_mask = torch.where(full_rows.cpu(), torch.ones_like(p_mask), p_mask)
     draws = torch.rand(batch, length, generator=generator)
     masked = (draws < p_mask[:, None]).to(device)
+    if pad_region is not None and pad_share < 1.0:
+        pad_draws = torch.rand(batch, length, generator=generator).to(device)
+        masked &= ~pad_region.bool() | (pad_draws < pad_share)
+    if keep is not None:
+        masked &= ~keep.bool()
     p_mask, t = p_mask.to(device), t.to(device)
     if prompt_mask is not None:
         masked &= ~prompt_mask.bool()
@@ -105,6 +161,74 @@ def forward_process(
     return NoisedBatch(input_ids, noisy, masked, p_mask, t, weights, normalizer, doc_ids)
 
 
+LENGTH_STATS: tuple[str, ...] = ("eos_bce_sum", "eos_correct", "eos_count", "bucket_ce_sum", "bucket_correct",
+                                  "bucket_count")
+"""The length head's logged sums, in the order of :attr:`LossParts.length_stats`."""
+
+
+def noise_batch(
+    batch: dict[str, Tensor],
+    objective: ObjectiveSection,
+    mask_id: int,
+    generator: torch.Generator,
+    *,
+    train_length_head: bool = False,
+    pad_share: float = 1.0,
+    attention_ratio: float = 1.0,
+) -> NoisedBatch:
+    """The training forward process of one micro-batch as ``objective`` configures it.
+
+    On top of :func:`forward_process`: SFT reads the batch's ``prompt_mask``; ``shift`` never masks position
+    0 (nothing predicts it); with ``train_length_head`` a share ``objective.length_rows`` of the rows is put in
+    the state generation starts from (answer region fully masked, t = 1) and becomes the length head's
+    targets. SFT rows have their prompt as context; ``[text, EOS, pad …]`` rows get a random prefix of their
+    document as context, so the head learns to bound the rest of a document from its start. Pad-share
+    annealing and attention-mask annealing take their step-dependent values from the caller. Every random
+    number comes from ``generator``, so the draw stays a pure function of (seed, step, micro-batch slot).
+    """
+    input_ids = batch["input_ids"]
+    b, seq_len = input_ids.shape
+    device = input_ids.device
+    positions = torch.arange(seq_len, device=device)[None, :]
+    prompt_mask = batch["prompt_mask"].bool() if objective.kind == "sft" else None
+    answer_length = batch.get("answer_length")
+    keep: Tensor | None = None
+    if objective.shift:
+        keep = (positions == 0).expand(b, seq_len)
+    full_rows: Tensor | None = None
+    length: LengthTargets | None = None
+    if train_length_head:
+        if answer_length is None:
+            raise ValueError("the length head needs rows with answer lengths: data.format rows or sft")
+        chosen = torch.randperm(b, generator=generator)[: max(1, round(objective.length_rows * b))]
+        full_rows = torch.zeros(b, dtype=torch.bool)
+        full_rows[chosen] = True
+        full_rows = full_rows.to(device)
+        if prompt_mask is not None:
+            context, start, target_length = prompt_mask, prompt_mask.sum(dim=1), answer_length
+        else:
+            room = answer_length.clamp(max=seq_len - 1).float()
+            cut = (torch.rand(b, generator=generator).to(device) * room).long()
+            start = torch.where(full_rows, cut, torch.zeros_like(cut))
+            context = positions < start[:, None]
+            keep = context if keep is None else keep | context
+            target_length = answer_length - start
+        length = LengthTargets(full_rows, start, target_length, context, objective.length_loss_weight)
+    pad_region: Tensor | None = None
+    if answer_length is not None and pad_share < 1.0:
+        answer_start = prompt_mask.sum(dim=1) if prompt_mask is not None else torch.zeros_like(answer_length)
+        pad_region = positions > (answer_start + answer_length)[:, None]  # the first EOS itself is a target
+    noised = forward_process(
+        input_ids, mask_id, generator, eps=objective.eps, prompt_mask=prompt_mask, doc_ids=batch.get("doc_ids"),
+        random_length_prob=objective.random_length_prob, stratified=objective.t_sampling == "stratified",
+        keep=keep, full_rows=full_rows, pad_region=pad_region, pad_share=pad_share,
+    )
+    noised.shift, noised.length = objective.shift, length
+    if attention_ratio < 1.0:
+        noised.attn_mask = annealed_mask(noised.input_ids.shape[1], attention_ratio, generator=generator).to(device)
+    return noised
+
+
 @dataclass
 class LossParts:
     """The un-normalised loss of one micro-batch and the per-t-bucket pieces that are logged."""
@@ -113,6 +237,14 @@ class LossParts:
     bucket_sums: Tensor  # [len(T_BUCKETS)] detached loss sums per noise bucket
     bucket_counts: Tensor  # [len(T_BUCKETS)] normalizer share per bucket (tokens for pretrain, rows for SFT)
     num_masked: int
+    # differentiable, already weighted and divided by the step's global counts (0 without length targets)
+    length_loss: Tensor | None = None
+    length_stats: Tensor | None = None  # [len(LENGTH_STATS)] detached sums
+
+    def objective(self, denominator: float | Tensor) -> Tensor:
+        """What backward runs on: the diffusion loss over the step's normaliser plus the length loss."""
+        total = self.loss_sum / denominator
+        return total if self.length_loss is None else total + self.length_loss
 
 
 def t_bucket(t: Tensor) -> Tensor:
@@ -122,14 +254,17 @@ def t_bucket(t: Tensor) -> Tensor:
 
 
 def diffusion_loss(model: nn.Module, noised: NoisedBatch, chunk_size: int = 4096) -> LossParts:
-    """Run the model on the noisy batch and score only the masked positions.
+    """Run the model on the noisy batch and score only the masked positions (plus the length head, if asked).
 
     The model returns hidden states; only the masked rows are gathered and sent through the LM head, in
     chunks, so full ``[B, L, V]`` logits never exist. The rows are scored bucket by bucket of ``t`` so the
-    per-bucket losses come for free.
+    per-bucket losses come for free. Under ``shift`` the token at position ``c`` is predicted from the hidden
+    state at ``c - 1``, as the AR model being adapted was trained to. The length head reads the same hidden
+    states, so its joint training costs no extra forward pass.
     """
-    hidden = model(noised.noisy_ids, doc_ids=noised.doc_ids)
+    hidden = model(noised.noisy_ids, doc_ids=noised.doc_ids, attn_mask=noised.attn_mask)
     rows, cols = noised.masked.nonzero(as_tuple=True)
+    source_cols = cols - 1 if noised.shift else cols
     weight, bias = model.lm_head_weight, model.lm_head_bias
     buckets = t_bucket(noised.t)
     row_bucket = buckets[rows]
@@ -142,10 +277,29 @@ def diffusion_loss(model: nn.Module, noised: NoisedBatch, chunk_size: int = 4096
         sel = row_bucket == b
         if not bool(sel.any()) and b > 0:
             continue
-        r, c = rows[sel], cols[sel]
+        r, c, src = rows[sel], cols[sel], source_cols[sel]
         part = masked_lm_loss(
-            hidden[r, c], weight, noised.input_ids[r, c], noised.weights[r].float(), bias=bias, chunk_size=chunk_size
+            hidden[r, src], weight, noised.input_ids[r, c], noised.weights[r].float(), bias=bias,
+            chunk_size=chunk_size,
         )
         loss_sum = loss_sum + part
         bucket_sums[b] = part.detach()
-    return LossParts(loss_sum, bucket_sums, bucket_counts, int(rows.numel()))
+    parts = LossParts(loss_sum, bucket_sums, bucket_counts, int(rows.numel()))
+    if noised.length is not None:
+        parts.length_loss, parts.length_stats = _length_loss(model, hidden, noised.length)
+    return parts
+
+
+def _length_loss(model: nn.Module, hidden: Tensor, targets: LengthTargets) -> tuple[Tensor, Tensor]:
+    """The length head's joint loss on the generation-start rows, as this micro-batch's share of the step."""
+    head = getattr(model, "length_head", None)
+    if head is None:
+        raise ValueError("length targets were drawn but the model has no length head (model.length_head)")
+    rows = targets.rows
+    if not bool(rows.any()):
+        # keep the head in the graph so that every rank's backward reaches the same parameters
+        return sum(p.sum() for p in head.parameters()) * 0.0, torch.zeros(len(LENGTH_STATS), device=hidden.device)
+    out = head(hidden[rows], targets.prompt_mask[rows])
+    terms = length_head_terms(out, targets.answer_start[rows], targets.answer_length[rows])
+    loss = targets.weight * (terms.eos_bce_sum / targets.eos_norm + terms.bucket_ce_sum / targets.bucket_norm)
+    return loss, terms.stats()
