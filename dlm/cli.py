@@ -238,6 +238,53 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     gen.set_defaults(func=_generate)
 
 
+def _eval_length(args: argparse.Namespace) -> int:
+    from dlm.evaluation.length import evaluate_length, write_report
+    from dlm.evaluation.plots import plot_report
+
+    fixed = [int(n) for n in args.fixed.split(",") if n.strip().isdigit()]
+    if len(fixed) != len([n for n in args.fixed.split(",") if n.strip()]):
+        raise UserError(f"--fixed {args.fixed!r}: give positive canvas sizes separated by commas, e.g. 512,1024")
+    report = evaluate_length(
+        args.data, args.model, q=args.q, fixed=fixed, limit=args.limit, batch_size=args.batch_size,
+        run_generation=args.generate, steps_per_token=args.steps_per_token, block_length=args.block_length,
+        split=args.split, eval_fraction=args.eval_fraction, template=args.template, device=args.device, seed=args.seed,
+    )
+    print(report.markdown())
+    if args.out:
+        for path in write_report(report, args.out, plot_report):
+            print(f"wrote {path}")
+    return 0
+
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    ev = sub.add_parser("eval", help="benchmarks of a trained model")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    length = ev_sub.add_parser("length", help="length budgets: fixed canvases vs zero-shot EOS vs the length head "
+                                              "vs the oracle (coverage, over-allocation, generation cost)")
+    length.add_argument("--data", required=True, help="alpaca-style .json or gsm8k-style question/answer .jsonl")
+    length.add_argument("--model", required=True, help="run directory, checkpoint or export to evaluate")
+    length.add_argument("--out", default=None, help="directory for length_eval.md/.json and the plots")
+    length.add_argument("--q", type=float, default=0.9, help="quantile of the predicted bounds")
+    length.add_argument("--fixed", default="512,1024", help="fixed canvases to compare with, comma-separated")
+    length.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    length.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    length.add_argument("--generate", action="store_true",
+                        help="also run the sampler per method: measured cost, wall time, synthetic-task accuracy")
+    length.add_argument("--steps-per-token", type=float, default=1.0,
+                        help="denoising steps per canvas position, in (0, 1] (LLaDA: 1)")
+    length.add_argument("--block-length", type=int, default=None, help="semi-autoregressive block (default: canvas)")
+    length.add_argument("--split", choices=["all", "held-out", "train"], default="all",
+                        help="held-out: only the examples the training run held out (its content-hash split)")
+    length.add_argument("--eval-fraction", type=float, default=None,
+                        help="the split's fraction (default: the run's data.eval_fraction)")
+    length.add_argument("--template", choices=["plain", "chat"], default=None,
+                        help="prompt template (default: the run's SFT template)")
+    length.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    length.add_argument("--seed", type=int, default=0, help="seed of the sampling noise (--generate)")
+    length.set_defaults(func=_eval_length)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from dlm.launcher.launch import launch, load_launch_config
 
@@ -311,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interop_parsers(sub)
     _add_launch_parser(sub)
     _add_generate_parser(sub)
+    _add_eval_parser(sub)
     return parser
 
 

@@ -1,0 +1,239 @@
+"""The length benchmark: its metrics on a hand-made data set whose answer lengths are known, its budgets
+against the sampler's own budget prediction, its cost estimate against the sampler's cost accounting, the
+files and plots it writes, and how it behaves without a length head or with bad inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_model
+from torch import Tensor
+
+from dlm.cli import main
+from dlm.evaluation.length import (
+    EvalExample,
+    LengthReport,
+    evaluate_length,
+    first_steps,
+    predicted_budgets,
+    read_examples,
+    read_lengths,
+    schedule_cost,
+)
+from dlm.evaluation.synthetic import check
+from dlm.generation import LoadedModel, PredictedLength, generate, load_for_generation, predict_budgets
+from dlm.modeling import LengthHeadConfig, build_model, preset
+
+# answers of 3, 10, 20 and 40 tokens (every "cat" is one GPT-2 token)
+LENGTHS = (3, 10, 20, 40)
+MAX_SEQ_LEN = 128
+
+
+def _write_data(path: Path, lengths: tuple[int, ...] = LENGTHS) -> Path:
+    rows = [{"question": f"Repeat the word cat {n} times.", "answer": " ".join(["cat"] * n)} for n in lengths]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _write_run(run_dir: Path, *, head: bool) -> None:
+    """A tiny random model saved the way a run directory is, with a length head whose outputs are random
+    (a zero-initialised head would predict the same budget for every prompt, which tests nothing)."""
+    cfg = preset("tiny", n_layers=1, max_seq_len=MAX_SEQ_LEN,
+                 length_head=LengthHeadConfig(max_len=32) if head else None)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if model.length_head is not None:
+        for layer in (model.length_head.eos.out, model.length_head.bucket.out):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+            torch.nn.init.normal_(layer.bias, std=1.0)
+    run_dir.mkdir(parents=True)
+    save_model(model, str(run_dir / "model.safetensors"))
+    (run_dir / "model_config.json").write_text(cfg.model_dump_json())
+    config = {"tokenizer": {"name_or_path": "gpt2-mdm"}, "data": {"format": "sft", "sft_template": "plain"}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("length_eval")
+    _write_run(root / "head", head=True)
+    _write_run(root / "plain", head=False)
+    return {"head": root / "head", "plain": root / "plain", "data": _write_data(root / "cats.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def loaded(runs: dict[str, Path]) -> LoadedModel:
+    return load_for_generation(runs["head"], device="cpu")
+
+
+def _eval(runs: dict[str, Path], model: Any, **kwargs: Any) -> LengthReport:
+    return evaluate_length(runs["data"], model, progress=False, **kwargs)
+
+
+def test_fixed_canvases_and_the_oracle_on_known_lengths(runs: dict[str, Path], loaded: LoadedModel) -> None:
+    report = _eval(runs, loaded, fixed=[16, 512])
+    assert report.lengths == list(LENGTHS) and report.synthetic
+
+    fixed16 = report.method("fixed:16")
+    assert fixed16.budgets == [16] * 4 and not fixed16.note
+    assert fixed16.metrics["coverage"] == 0.5  # 3 and 10 fit, 20 and 40 do not
+    assert fixed16.metrics["mean_ratio"] == pytest.approx(sum(16 / n for n in LENGTHS) / 4)
+    assert fixed16.metrics["est_canvas_tokens"] == 4 * 16 * 16  # 16 steps over a 16-token canvas each
+
+    # 512 does not fit after the prompt in a 128-position model: capped per prompt, and the table says so
+    fixed512 = report.method("fixed:512")
+    prompt_lens = [len(e.prompt_ids) for e in read_examples(runs["data"], loaded).examples]
+    assert fixed512.budgets == [MAX_SEQ_LEN - p for p in prompt_lens]
+    assert "capped at max_seq_len 128" in fixed512.note and "capped" in report.markdown()
+    assert fixed512.metrics["coverage"] == 1.0
+    assert fixed512.metrics["est_canvas_tokens"] == sum(b * b for b in fixed512.budgets)
+
+    oracle = report.method("oracle")
+    assert oracle.budgets == [4, 16, 32, 64]
+    assert oracle.metrics["coverage"] == 1.0 and oracle.metrics["bucket_accuracy"] == 1.0
+    assert all(1 <= b / n <= 2 for b, n in zip(oracle.budgets, LENGTHS))
+    # relative cost in the table: the oracle against fixed:16
+    ratio = oracle.metrics["est_canvas_tokens"] / fixed16.metrics["est_canvas_tokens"]
+    assert f"{ratio:.3f}×" in report.markdown()
+
+
+def test_fewer_steps_per_token_cost_proportionally_less(runs: dict[str, Path], loaded: LoadedModel) -> None:
+    report = _eval(runs, loaded, fixed=[16], steps_per_token=0.5)
+    assert report.method("fixed:16").metrics["est_canvas_tokens"] == 4 * 8 * 16
+
+
+def test_head_budgets_are_the_samplers_budgets(loaded: LoadedModel) -> None:
+    prompts = [[11, 12, 13], [5, 6, 7, 8, 9, 10, 11], [42]]
+    examples = [EvalExample("", p, [1]) for p in prompts]
+    readings = read_lengths(loaded, examples, 32, batch_size=2, progress=False)
+    tok = loaded.tokenizer
+    seen = set()
+    for q in (0.3, 0.5, 0.7, 0.9):
+        for method, head in (("eos-head", "eos"), ("bucket-head", "bucket")):
+            _, ours = predicted_budgets(readings, method, q)
+            theirs = predict_budgets(loaded.model, [torch.tensor(p) for p in prompts], PredictedLength(q, head),
+                                     mask_id=tok.mask_id, pad_id=tok.pad_id)
+            assert ours == theirs.budgets, (method, q)
+            seen.update(ours)
+    assert len(seen) > 1  # the random head really discriminates, so the comparison means something
+
+
+def test_zero_shot_reading_is_the_lms_eos_probability(loaded: LoadedModel) -> None:
+    prompt = [11, 12, 13, 14]
+    readings = read_lengths(loaded, [EvalExample("", prompt, [1])], 32, progress=False)
+    tok = loaded.tokenizer
+    ids = torch.tensor([prompt + [tok.mask_id] * 32])
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model.logits(loaded.model(ids)).float(), dim=-1)[0, 4:, tok.eos_id]
+    assert torch.allclose(torch.from_numpy(readings.zero_shot[0]), probs, atol=1e-6)
+
+
+class _NeverEos:
+    """The tiny model with EOS made impossible, so every schedule runs to its end and canvases extend."""
+
+    def __init__(self, model: Any, eos_id: int) -> None:
+        self.model, self.eos_id = model, eos_id
+
+    def parameters(self) -> Any:
+        return self.model.parameters()
+
+    def __call__(self, input_ids: Tensor, doc_ids: Tensor | None = None, position_ids: Tensor | None = None) -> Tensor:
+        return self.model(input_ids, doc_ids=doc_ids, position_ids=position_ids)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        out = self.model.logits(hidden)
+        out[..., self.eos_id] = float("-inf")
+        return out
+
+
+@pytest.mark.parametrize(("budget", "spt", "block", "extend"),
+                         [(16, 1.0, None, True), (20, 0.5, None, True), (16, 0.5, 8, True), (24, 1.0, None, False)])
+def test_cost_estimate_equals_the_samplers_accounting(
+    loaded: LoadedModel, budget: int, spt: float, block: int | None, extend: bool
+) -> None:
+    tok = loaded.tokenizer
+    result = generate(_NeverEos(loaded.model, tok.eos_id), [[11, 12, 13]], mask_id=tok.mask_id, eos_id=tok.eos_id,
+                      length=[budget], steps=first_steps(budget, spt), block_length=block, extend=extend,
+                      max_length=64)
+    steps, tokens, canvas = schedule_cost(budget, 10**6, steps_per_token=spt, extend=extend, max_length=64,
+                                          block_length=block)
+    assert (steps, tokens, canvas) == (result.steps[0], result.canvas_tokens[0], result.canvas_lengths[0])
+    assert canvas == (64 if extend else budget)
+
+
+def test_generate_reports_the_samplers_cost_and_checked_accuracy(runs: dict[str, Path], loaded: LoadedModel) -> None:
+    report = evaluate_length(runs["data"], loaded, fixed=[16], limit=3, run_generation=True, steps_per_token=0.25,
+                             progress=False)
+    assert report.generated and "## Generation (measured)" in report.markdown()
+    tok = loaded.tokenizer
+    examples = read_examples(runs["data"], loaded, limit=3).examples
+    for name in ("fixed:16", "bucket-head", "oracle"):
+        m = report.method(name)
+        assert m.generation is not None and m.generated is not None
+        direct_tokens = 0
+        for budget in sorted(set(m.budgets)):
+            idx = [i for i, b in enumerate(m.budgets) if b == budget]
+            result = generate(loaded.model, [examples[i].prompt_ids for i in idx], mask_id=tok.mask_id,
+                              eos_id=tok.eos_id, pad_id=tok.pad_id, length=[budget] * len(idx), extend=m.extend,
+                              steps=first_steps(budget, 0.25), max_length=m.max_length, seed=0)
+            direct_tokens += sum(result.canvas_tokens)
+        assert m.generation["canvas_tokens"] == direct_tokens + m.prediction_tokens
+        assert m.prediction_tokens == (32 * 3 if name == "bucket-head" else 0)
+        expected = sum(check(e.question, t) for e, t in zip(examples, m.generated)) / 3
+        assert m.generation["accuracy"] == expected
+
+
+def test_cli_writes_tables_json_and_plots(runs: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["eval", "length", "--data", str(runs["data"]), "--model", str(runs["head"]), "--out", str(out),
+            "--fixed", "16,32", "--q", "0.8", "--device", "cpu"]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "| bucket-head |" in stdout and "| oracle |" in stdout
+    names = {"fixed:16", "fixed:32", "zero-shot", "eos-head", "bucket-head", "oracle"}
+    result = json.loads((out / "length_eval.json").read_text())
+    assert set(result["methods"]) == names and result["q"] == 0.8 and result["true_lengths"] == list(LENGTHS)
+    assert all(len(m["budgets"]) == 4 and 0 <= m["metrics"]["coverage"] <= 1 for m in result["methods"].values())
+    assert set(result["sweep"]) == {"zero-shot", "eos-head", "bucket-head"}
+    assert (out / "length_eval.md").read_text().startswith("# Length budgets")
+    for png in ("predicted_vs_true.png", "coverage_vs_budget.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_a_model_without_a_head_still_gets_the_other_methods(runs: dict[str, Path]) -> None:
+    report = _eval(runs, runs["plain"], fixed=[16, 64], device="cpu")
+    assert [m.name for m in report.methods] == ["fixed:16", "fixed:64", "zero-shot", "oracle"]
+    assert any("no length head" in n for n in report.notes) and "no length head" in report.markdown()
+    assert report.width == 64 and len(report.method("zero-shot").budgets) == 4
+
+
+def test_held_out_and_train_splits_partition_the_data(runs: dict[str, Path], loaded: LoadedModel,
+                                                      tmp_path: Path) -> None:
+    data = _write_data(tmp_path / "many.jsonl", tuple(range(2, 42)))
+    held = read_examples(data, loaded, split="held-out", eval_fraction=0.5).examples
+    train = read_examples(data, loaded, split="train", eval_fraction=0.5).examples
+    assert held and train and len(held) + len(train) == 40
+    assert not {e.question for e in held} & {e.question for e in train}
+
+
+def test_bad_inputs_are_one_line_errors(runs: dict[str, Path], tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["eval", "length", "--model", str(runs["head"]), "--device", "cpu"]
+    assert main([*base, "--data", str(tmp_path / "missing.jsonl")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    odd = tmp_path / "odd.jsonl"
+    odd.write_text(json.dumps({"text": "hello"}) + "\n")
+    assert main([*base, "--data", str(odd)]) == 2
+    assert "none of the SFT layouts" in capsys.readouterr().err
+    assert main([*base, "--data", str(runs["data"]), "--fixed", "16,big"]) == 2
+    assert "--fixed" in capsys.readouterr().err
+    assert main([*base, "--data", str(runs["data"]), "--q", "1.5"]) == 2
+    assert "--q must be in (0, 1]" in capsys.readouterr().err
+    assert main(["eval", "length", "--data", str(runs["data"]), "--model", str(tmp_path / "nowhere")]) == 2
