@@ -16,6 +16,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 from dlm.evaluation.length import LengthReport  # noqa: E402
 
@@ -35,6 +36,8 @@ def plot_predicted_vs_true(report: LengthReport, path: Path) -> Path:
         ax.plot(line, [2 * v for v in line], "k--", lw=0.8, label="budget = 2 × length")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(ScalarFormatter())
         ax.set_xlim(1, top)
         ax.set_ylim(1, top)
         ax.set_title(f"{m.name}: coverage {m.metrics['coverage']:.0%}", fontsize=9)
@@ -58,10 +61,14 @@ def plot_coverage_vs_budget(report: LengthReport, path: Path) -> Path:
         ax.plot(xs, ys, marker="o", ms=3, label=f"{name} (q {points[0]['q']:g} … {points[-1]['q']:g})")
         chosen = report.method(name).metrics
         ax.scatter([chosen["mean_ratio"]], [chosen["coverage"]], s=60, facecolors="none", edgecolors="k")
-    for m in report.methods:
-        if m.name.startswith("fixed:") or m.name == "oracle":
-            ax.scatter([m.metrics["mean_ratio"]], [m.metrics["coverage"]], marker="s", s=30, label=m.name)
+    fixed = [m for m in report.methods if m.name.startswith("fixed:")]
+    for i, m in enumerate(fixed):
+        grey = str(0.2 + 0.5 * i / max(1, len(fixed) - 1))
+        ax.scatter([m.metrics["mean_ratio"]], [m.metrics["coverage"]], marker="s", s=30, color=grey, label=m.name)
+    oracle = report.method("oracle").metrics
+    ax.scatter([oracle["mean_ratio"]], [oracle["coverage"]], marker="*", s=90, color="k", label="oracle")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("mean budget / true length")
     ax.set_ylabel("coverage (budget ≥ true length)")
     ax.set_ylim(-0.02, 1.02)
