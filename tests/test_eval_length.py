@@ -5,6 +5,7 @@ files and plots it writes, and how it behaves without a length head or with bad 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,11 @@ def test_zero_shot_reading_is_the_lms_eos_probability(loaded: LoadedModel) -> No
     with torch.no_grad():
         probs = torch.softmax(loaded.model.logits(loaded.model(ids)).float(), dim=-1)[0, 4:, tok.eos_id]
     assert torch.allclose(torch.from_numpy(readings.zero_shot[0]), probs, atol=1e-6)
+    # a shift model (objective.shift) reads canvas position i from the state at i - 1, as the sampler does
+    with torch.no_grad():
+        probs = torch.softmax(loaded.model.logits(loaded.model(ids)).float(), dim=-1)[0, 3:-1, tok.eos_id]
+    shifted = read_lengths(replace(loaded, shift=True), [EvalExample("", prompt, [1])], 32, progress=False)
+    assert torch.allclose(torch.from_numpy(shifted.zero_shot[0]), probs, atol=1e-6)
 
 
 class _NeverEos:
@@ -186,6 +192,13 @@ def test_generate_reports_the_samplers_cost_and_checked_accuracy(runs: dict[str,
         assert m.prediction_tokens == (32 * 3 if name == "bucket-head" else 0)
         expected = sum(check(e.question, t) for e, t in zip(examples, m.generated)) / 3
         assert m.generation["accuracy"] == expected
+    fixed, bucket = report.method("fixed:16").generation, report.method("bucket-head").generation
+    assert fixed is not None and bucket is not None
+    (row,) = [c for c in report.comparisons() if c["method"] == "bucket-head"]
+    assert row["fixed"] == "fixed:16" and row["saving"] == fixed["canvas_tokens"] / bucket["canvas_tokens"]
+    assert row["accuracy_delta"] == pytest.approx(100 * (bucket["accuracy"] - fixed["accuracy"]))
+    assert "## Against the fixed canvases" in report.markdown()
+    assert report.as_dict()["comparisons"] == report.comparisons()
 
 
 def test_cli_writes_tables_json_and_plots(runs: dict[str, Path], tmp_path: Path,

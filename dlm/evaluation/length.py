@@ -225,7 +225,9 @@ def read_lengths(
             eos_head[idx] = out.eos_probs()[:, rows.prompt_width :].cpu().numpy()
             bucket[idx] = out.bucket_probs().cpu().numpy()
         t1 = time.perf_counter()
-        zero_shot[idx] = _eos_probability(model, hidden[:, rows.prompt_width :], tok.eos_id).cpu().numpy()
+        # a shift model (objective.shift) predicts position i from the state at i - 1, as canvas_logits reads it
+        lo = rows.prompt_width - 1 if loaded.shift else rows.prompt_width
+        zero_shot[idx] = _eos_probability(model, hidden[:, lo : lo + width], tok.eos_id).cpu().numpy()
         t2 = time.perf_counter()
         backbone_s += t1 - t0
         lm_s += t2 - t1
@@ -358,11 +360,38 @@ class LengthReport:
                 return m
         raise KeyError(f"no method {name!r}; have {', '.join(m.name for m in self.methods)}")
 
+    def comparisons(self) -> list[dict[str, Any]]:
+        """Each budgeted method (predictors, oracle) against each fixed canvas, from the generation runs.
+
+        ``saving`` is the fixed canvas's measured canvas tokens over the method's (4.0 = four times less
+        compute), ``wall_saving`` the same for wall time, ``accuracy_delta`` the method's exact-match accuracy
+        minus the fixed canvas's in percentage points (synthetic task only): the issue's "quality kept" reads
+        ``accuracy_delta >= -1`` and ``saving >= 4``.
+        """
+        if not self.generated:
+            return []
+        fixed = [m for m in self.methods if m.name.startswith("fixed:")]
+        rows = []
+        for m in self.methods:
+            if m in fixed or m.generation is None:
+                continue
+            for f in fixed:
+                g, fg = m.generation, f.generation or {}
+                row: dict[str, Any] = {"method": m.name, "fixed": f.name,
+                                       "saving": fg["canvas_tokens"] / max(g["canvas_tokens"], 1),
+                                       "wall_saving": fg["wall_s"] / max(g["wall_s"], 1e-9)}
+                if self.synthetic:
+                    row["accuracy_delta"] = 100.0 * (g["accuracy"] - fg["accuracy"])
+                rows.append(row)
+        return rows
+
     def as_dict(self) -> dict[str, Any]:
-        """The JSON form: settings, notes, the q sweep, true lengths, and per method its metrics and budgets."""
+        """The JSON form: settings, notes, the q sweep, true lengths, per method its metrics and budgets, and the
+        comparisons with the fixed canvases (after generation)."""
         head = {k: v for k, v in asdict(self).items() if k not in ("methods", "lengths")}
         methods = {m.name: {k: v for k, v in asdict(m).items() if k != "name"} for m in self.methods}
-        return {**head, "examples": len(self.lengths), "true_lengths": self.lengths, "methods": methods}
+        return {**head, "examples": len(self.lengths), "true_lengths": self.lengths, "methods": methods,
+                "comparisons": self.comparisons()}
 
     def markdown(self) -> str:
         """The tables: budgets (coverage, over-allocation, cost estimate) and, after --generate, measured cost."""
@@ -403,6 +432,13 @@ class LengthReport:
                              + f" | {g['forward_tokens']:.3g} | {g['wall_s']:.1f} |")
             if self.synthetic:
                 lines += ["", "accuracy: exact match after collapsing whitespace (dlm.evaluation.synthetic.check)."]
+            delta = " accuracy Δ (points) |" if self.synthetic else ""
+            lines += ["", "## Against the fixed canvases (measured)", "",
+                      f"| method | fixed |{delta} compute saved (canvas tokens) | wall time saved |",
+                      "|" + "---|" * (4 + bool(self.synthetic))]
+            for c in self.comparisons():
+                d = f" {c['accuracy_delta']:+.1f} |" if self.synthetic else ""
+                lines.append(f"| {c['method']} | {c['fixed']} |{d} {c['saving']:.2f}× | {c['wall_saving']:.2f}× |")
         return "\n".join(lines) + "\n"
 
 
@@ -452,6 +488,7 @@ def _generate(
             loaded.model, [examples[i].prompt_ids for i in idx], mask_id=tok.mask_id, eos_id=tok.eos_id,
             pad_id=tok.pad_id, length=[budget] * len(idx), steps=first_steps(budget, steps_per_token),
             block_length=block_length, extend=m.extend, max_length=m.max_length, batch_size=batch_size, seed=seed,
+            shift=loaded.shift,
         )
         for j, i in enumerate(idx):
             answers[i], finished[i] = result.answers[j], result.finished[j]
