@@ -148,6 +148,15 @@ def _data_synthetic(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_word_tokenizer(args: argparse.Namespace) -> int:
+    from dlm.data_streams.word_tokenizer import iter_texts, train_word_tokenizer
+
+    size = train_word_tokenizer(iter_texts(args.files), args.out_dir, min_frequency=args.min_frequency)
+    print(f"wrote a word-level tokenizer of {size} tokens to {args.out_dir} (use tokenizer.name_or_path={args.out_dir} "
+          f"and model.vocab_size={size})")
+    return 0
+
+
 def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     data = sub.add_parser("data", help="prepare token shards from text, and inspect them")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -174,6 +183,13 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     synth.add_argument("--max-answer-tokens", type=int, default=250, help="longest answer in GPT-2 tokens")
     synth.add_argument("--tasks", default="repeat,count,reverse,sort", help="comma-separated subset of the tasks")
     synth.set_defaults(func=_data_synthetic)
+    words = data_sub.add_parser(
+        "word-tokenizer", help="train a word-level tokenizer on a small closed-vocabulary corpus (the synthetic task)"
+    )
+    words.add_argument("files", nargs="+", help="JSON Lines / JSON / text files; every string field is read")
+    words.add_argument("--out-dir", required=True, help="directory for tokenizer.json and tokenizer_config.json")
+    words.add_argument("--min-frequency", type=int, default=1, help="rarer words become the unknown token")
+    words.set_defaults(func=_data_word_tokenizer)
 
 
 def _generate(args: argparse.Namespace) -> int:
