@@ -7,7 +7,9 @@ code written for LLaDA checkpoints (its ``modeling_llada.py``) loads the export 
 
 The export streams: shards are planned from the safetensors header alone (meta tensors handed to
 ``huggingface_hub``'s own splitter, so file names and the index follow the hub's conventions exactly), then
-each shard is read, cast and written in turn. Peak memory is one shard, never the whole model. The output
+each shard is read, cast and written in turn. Peak memory is one shard, never the whole model. The source may be
+a run, a `dlm import` output or a resumable checkpoint of either engine, DeepSpeed ZeRO-3 included, whose
+partitions are gathered tensor by tensor as each shard is written (:mod:`dlm.modeling.hf_sources`). The output
 directory appears only when complete (:func:`~dlm.modeling.hf_io.atomic_directory`).
 """
 
@@ -20,7 +22,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors.torch import save_file
 
@@ -28,25 +29,21 @@ from dlm.modeling.build import build_model
 from dlm.modeling.config import TransformerConfig
 from dlm.modeling.hf_io import (
     INDEX_NAME,
-    WEIGHTS_NAME,
-    CheckpointReader,
     InteropError,
     UnsupportedModelError,
     atomic_directory,
     check_shape,
     expected_shapes,
     listing,
-    read_json,
 )
 from dlm.modeling.hf_names import to_llada
+from dlm.modeling.hf_sources import ExportSource, WeightReader, resolve_source
+
+__all__ = ["ExportResult", "ExportSource", "export", "resolve_source"]
 
 ExportFormat = Literal["dlm", "llada"]
 EXPORT_DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp32": torch.float32}
 _DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
-MODEL_CONFIG_NAME = "model_config.json"
-RUN_CONFIG_NAME = "config.yaml"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
 # LLaDA's remote code, as GSAI-ML/LLaDA-8B-Instruct's config.json names it. The two .py files are not part of
 # an export; copy them next to it to load it with trust_remote_code (see the README).
 LLADA_AUTO_MAP = {
@@ -54,16 +51,6 @@ LLADA_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_llada.LLaDAModelLM",
     "AutoModel": "modeling_llada.LLaDAModelLM",
 }
-
-
-@dataclass(frozen=True)
-class ExportSource:
-    """What an export reads: the weights, their architecture, and where the tokenizer comes from."""
-
-    directory: Path
-    config: TransformerConfig
-    tokenizer: str | None
-    mask_token: str | None
 
 
 @dataclass(frozen=True)
@@ -76,40 +63,6 @@ class ExportResult:
     total_size: int
     format: ExportFormat
     dtype: str
-
-
-def resolve_source(source: str | Path) -> ExportSource:
-    """Find weights, architecture and tokenizer of a run directory, a checkpoint in one, or a `dlm import` output.
-
-    The weights are ``model.safetensors`` + ``model_config.json``. The tokenizer is the run's
-    (``tokenizer.name_or_path`` and ``mask_token`` of ``config.yaml`` beside the weights or one level up, which
-    is where a per-step checkpoint directory sits), else tokenizer files beside the weights.
-    """
-    path = Path(source)
-    directory = path.parent if path.is_file() else path
-    missing = [n for n in (WEIGHTS_NAME, MODEL_CONFIG_NAME) if not (directory / n).is_file()]
-    if missing:
-        raise InteropError(
-            f"{directory} lacks {' and '.join(missing)}; pass a run directory of `dlm train` (they are written at "
-            "the end of the run), a checkpoint directory, or an output directory of `dlm import`"
-        )
-    raw = read_json(directory / MODEL_CONFIG_NAME, "it is written next to model.safetensors by dlm")
-    try:
-        config = TransformerConfig.model_validate(raw)
-    except ValueError as exc:
-        raise InteropError(f"{directory / MODEL_CONFIG_NAME} is not a valid dlm model config: {exc}") from exc
-    for run_config in (directory / RUN_CONFIG_NAME, directory.parent / RUN_CONFIG_NAME):
-        if run_config.is_file():
-            try:
-                resolved = yaml.safe_load(run_config.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise InteropError(f"{run_config} is not valid YAML ({exc}); pass --tokenizer explicitly") from exc
-            section = resolved.get("tokenizer") if isinstance(resolved, dict) else None
-            if isinstance(section, dict) and section.get("name_or_path"):
-                return ExportSource(directory, config, str(section["name_or_path"]), section.get("mask_token"))
-    if any((directory / f).is_file() for f in TOKENIZER_FILES):
-        return ExportSource(directory, config, str(directory), None)
-    return ExportSource(directory, config, None, None)
 
 
 # How a run executed its model (attention kernel, torch.compile), not what the model is: an export is read on
@@ -217,7 +170,7 @@ def llada_config_json(cfg: TransformerConfig, ids: Mapping[str, int | None]) -> 
     }
 
 
-def _check_weights(reader: CheckpointReader, expected: dict[str, tuple[int, ...]], directory: Path) -> None:
+def _check_weights(reader: WeightReader, expected: dict[str, tuple[int, ...]], src: ExportSource) -> None:
     missing = set(expected) - set(reader.tensors)
     unexpected = set(reader.tensors) - set(expected)
     if missing or unexpected:
@@ -225,11 +178,11 @@ def _check_weights(reader: CheckpointReader, expected: dict[str, tuple[int, ...]
             [f"unexpected {listing(unexpected)}"] if unexpected else []
         )
         raise InteropError(
-            f"{directory / WEIGHTS_NAME} does not match {MODEL_CONFIG_NAME}: {'; '.join(parts)}; the weights and the "
-            "config come from different runs — use the pair a run wrote together"
+            f"the weights in {src.directory} do not match {src.config_file}: {'; '.join(parts)}; the weights and "
+            "the config come from different runs — use the pair a run wrote together"
         )
     for name, shape in expected.items():
-        check_shape(name, reader.tensors[name], shape, MODEL_CONFIG_NAME)
+        check_shape(name, reader.tensors[name], shape, src.config_file)
 
 
 def export(
@@ -296,8 +249,8 @@ def export(
         files = {"model-00001-of-00001.safetensors": next(iter(files.values()))}
     ours_of = {theirs: ours for ours, theirs in out_name.items()}
 
-    with CheckpointReader(src.directory) as reader, atomic_directory(out_dir, overwrite) as tmp:
-        _check_weights(reader, expected, src.directory)
+    with src.open() as reader, atomic_directory(out_dir, overwrite) as tmp:
+        _check_weights(reader, expected, src)
         for filename, names in files.items():
             shard = {name: reader.get(ours_of[name]).to(target).contiguous() for name in names}
             save_file(shard, str(tmp / filename), metadata={"format": "pt"})

@@ -44,13 +44,12 @@ from dlm.modeling.hf_io import (
     read_json,
 )
 from dlm.modeling.hf_names import LLADA_NAMES, LLAMA_NAMES, rename
+from dlm.modeling.hf_sources import MODEL_CONFIG_NAME, TOKENIZER_FILES
 
 if TYPE_CHECKING:  # transformers is imported lazily: `import dlm.modeling` stays fast
     from transformers import PreTrainedTokenizerBase
 
 DEFAULT_MASK_TOKEN = "<|mdm_mask|>"
-MODEL_CONFIG_NAME = "model_config.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 @dataclass(frozen=True)

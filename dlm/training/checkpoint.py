@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -34,8 +33,16 @@ import torch
 import yaml
 
 from dlm.errors import UserError
+from dlm.modeling.hf_sources import (
+    COMPLETE_NAME,
+    LATEST_NAME,
+    complete_steps,
+    find_checkpoint,
+    newest_checkpoint,
+    step_dir_name,
+)
 
-STEP_DIR = re.compile(r"^step_(\d+)$")
+__all__ = ["CheckpointError", "Checkpointer", "rng_state", "set_rng_state", "step_dir_name"]
 
 
 class CheckpointError(UserError):
@@ -88,20 +95,6 @@ def _fsync_tree(root: Path) -> None:
         os.close(fd)
 
 
-def step_dir_name(step: int) -> str:
-    return f"step_{step:06d}"
-
-
-def _complete_steps(root: Path) -> list[int]:
-    if not root.is_dir():
-        return []
-    return sorted(
-        int(match.group(1))
-        for path in root.iterdir()
-        if (match := STEP_DIR.match(path.name)) and (path / "COMPLETE").is_file()
-    )
-
-
 class Checkpointer:
     """Writes, finds, prunes and validates the checkpoints of one run directory."""
 
@@ -138,17 +131,17 @@ class Checkpointer:
         """Flush, mark complete, rename into place, then point ``latest`` at it and prune old ones."""
         (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
         _fsync_tree(tmp)
-        (tmp / "COMPLETE").write_text(f"{step}\n")
+        (tmp / COMPLETE_NAME).write_text(f"{step}\n")
         _fsync_tree(tmp)
         final = self.root / step_dir_name(step)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        latest_tmp = self.root / "latest.tmp"
+        latest_tmp = self.root / f"{LATEST_NAME}.tmp"
         latest_tmp.write_text(final.name + "\n")
         with latest_tmp.open("rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(latest_tmp, self.root / "latest")
+        os.replace(latest_tmp, self.root / LATEST_NAME)
         self._prune()
         return final
 
@@ -167,7 +160,7 @@ class Checkpointer:
 
     def complete_steps(self) -> list[int]:
         """Steps whose directory holds ``COMPLETE``, oldest first."""
-        return _complete_steps(self.root)
+        return complete_steps(self.root)
 
     def resolve(self, resume: str) -> Path | None:
         """``auto`` → the newest complete checkpoint of this run (None when there is none); else a path.
@@ -175,29 +168,14 @@ class Checkpointer:
         A path may name a step directory, a ``checkpoints`` directory or a run directory.
         """
         if resume == "auto":
-            return self._latest(self.root)
-        path = Path(resume)
-        for candidate in (path, path / "checkpoints"):
-            if (candidate / "COMPLETE").is_file():
-                return candidate
-            found = self._latest(candidate)
-            if found is not None:
-                return found
+            return newest_checkpoint(self.root)
+        found = find_checkpoint(Path(resume))
+        if found is not None:
+            return found
         raise CheckpointError(
             f"no complete checkpoint at {resume!r}; pass a run directory, its checkpoints/ directory or a "
             f"step_N directory holding COMPLETE, or use --resume auto"
         )
-
-    @staticmethod
-    def _latest(root: Path) -> Path | None:
-        """What ``latest`` names if that is complete, else the newest complete step directory."""
-        pointer = root / "latest"
-        if pointer.is_file():
-            named = root / pointer.read_text().strip()
-            if (named / "COMPLETE").is_file():
-                return named
-        steps = _complete_steps(root)
-        return root / step_dir_name(steps[-1]) if steps else None
 
     # -- reading -------------------------------------------------------------------------------------------
 
