@@ -25,6 +25,7 @@ from dlm.cli import main
 from dlm.training.hooks import StepInfo, TrainHook
 
 from .conftest import ROOT, tiny_overrides
+from .runs import SMOKE, assert_same_weights, step_losses
 
 # DeepSpeed JIT-builds its shared-memory op on first use (~45 s); one cache next to the environment means a
 # CI run builds it at most once, and a developer's second run never.
@@ -33,7 +34,6 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch-exte
 # Ray's own modules warn about their deprecated settings on import; nothing here uses them.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.*")
 
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
 LLADA_8B = str(ROOT / "configs" / "fineweb-llada-8b.yaml")
 
 
@@ -239,8 +239,7 @@ def _run_overrides(run_dir: Path, *extra: str) -> list[str]:
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return step_losses(run_dir)
 
 
 def _summary(run_dir: Path) -> dict[str, Any]:
@@ -249,13 +248,7 @@ def _summary(run_dir: Path) -> dict[str, Any]:
 
 def _assert_same_weights(run_dir: Path, reference: Path) -> None:
     """The final model.safetensors (gathered from the ranks' shards) equals the single process's, to 1e-4."""
-    from safetensors.torch import load_file
-
-    got, want = load_file(run_dir / "model.safetensors"), load_file(reference / "model.safetensors")
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype == torch.float32
-        torch.testing.assert_close(got[name], want[name], atol=1e-4, rtol=0, msg=name)
+    assert_same_weights(run_dir / "model.safetensors", reference / "model.safetensors", atol=1e-4)
 
 
 def _assert_same_losses(got: dict[int, float], want: dict[int, float], tol: float) -> None:

@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from dlm.cli import main
 
-from .conftest import ROOT, tiny_overrides
+from .conftest import tiny_overrides
+from .runs import SMOKE, kill_after_first_checkpoint, metric_records
 
-SMOKE = str(ROOT / "configs" / "smoke.yaml")
 STEPS = 60
 
 
@@ -30,8 +26,7 @@ def _overrides(run_dir: Path) -> list[str]:
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r.get("loss", r.get("eval_nelbo"))) for r in records]
+    return [(r["step"], r.get("loss", r.get("eval_nelbo"))) for r in metric_records(run_dir)]
 
 
 def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run_bitwise(tmp_path: Path) -> None:
@@ -39,21 +34,7 @@ def test_sigkill_then_resume_auto_repeats_the_uninterrupted_run_bitwise(tmp_path
     assert main(["train", SMOKE, *_overrides(straight)]) == 0
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlm.cli", "train", SMOKE, *_overrides(killed)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    latest = killed / "checkpoints" / "latest"
-    deadline = time.monotonic() + 120
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed; make it longer"
-    assert not (killed / "summary.json").exists()
-    resumed_from = int((latest.read_text().strip()).split("_")[1])
+    resumed_from = kill_after_first_checkpoint(["train", SMOKE, *_overrides(killed)], killed)
     assert 0 < resumed_from < STEPS
 
     assert main(["train", SMOKE, *_overrides(killed), "--resume", "auto"]) == 0
