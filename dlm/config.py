@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from dlm.errors import ConfigError
 from dlm.modeling import PRESETS, TransformerConfig, preset
+from dlm.modeling.hf_init import InitFormat
 
 
 class Section(BaseModel):
@@ -37,27 +38,48 @@ _ModelOverrides = create_model(  # type: ignore[call-overload]
 
 
 class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
-    """Which architecture to train: a preset from :data:`dlm.modeling.PRESETS` and per-field overrides."""
+    """Which architecture to train: a preset from :data:`dlm.modeling.PRESETS` and per-field overrides, and
+    optionally the weights to start from (``init_from``) instead of a random initialisation."""
 
     preset: str = "tiny"
+    init_from: Optional[str] = Field(  # noqa: UP045 - pydantic needs a runtime type here
+        None,
+        description="start from these weights: a dlm export, run or checkpoint directory, or a Hugging Face "
+        "LLaDA / LLaMA / GPT-2 directory; the architecture must match the configured one",
+    )
+    init_from_format: InitFormat = Field("auto", description="auto (detect) | dlm | llada | llama | gpt2")
 
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; allowed: {', '.join(sorted(PRESETS))}")
         try:
-            self.resolve()  # surfaces impossible combinations (e.g. d_model not divisible by n_heads) now
+            arch = self.resolve()  # surfaces impossible combinations (e.g. d_model not divisible by n_heads) now
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"])
             key = f"model.{field}" if field else "model"
             value = self.overrides().get(field, first.get("input")) if field else self.overrides()
             raise _CrossFieldError(key, value, first["msg"].removeprefix("Value error, ")) from None
+        if self.init_from is not None:
+            self._check_init_from(arch)
         return self
+
+    def _check_init_from(self, arch: TransformerConfig) -> None:
+        """Reads config files and safetensors headers only, so a wrong path or shape fails at validation,
+        before any run directory or worker exists."""
+        from dlm.modeling.hf_init import check_init_source, locate
+        from dlm.modeling.hf_io import InteropError
+
+        try:
+            check_init_source(locate(self.init_from, self.init_from_format), arch)
+        except InteropError as exc:
+            raise _CrossFieldError("model.init_from", self.init_from, str(exc)) from None
 
     def overrides(self) -> dict[str, Any]:
         """The architecture fields the user set explicitly (everything else comes from the preset)."""
-        return {k: v for k, v in self.model_dump(exclude={"preset"}).items() if v is not None}
+        exclude = {"preset", "init_from", "init_from_format"}
+        return {k: v for k, v in self.model_dump(exclude=exclude).items() if v is not None}
 
     def resolve(self) -> TransformerConfig:
         """The full architecture: preset values with the user's overrides applied."""

@@ -218,22 +218,67 @@ def checkpoint_blocks(model: nn.Module) -> None:
 
 def build_training_model(cfg: RunConfig, device: torch.device, world_size: int = 1) -> nn.Module:
     """The model the engine will own: built already partitioned under ZeRO-3 ``zero.Init`` when configured,
-    otherwise as :func:`dlm.modeling.build_model` builds it; activation checkpointing applied if asked."""
+    otherwise as :func:`dlm.modeling.build_model` builds it; its weights replaced by ``model.init_from``'s
+    unless the run resumes from a checkpoint (whose weights win anyway); activation checkpointing applied
+    if asked. Every engine gets its model here, so ``init_from`` works the same for all of them."""
     from dlm.modeling import build_model
 
     arch = cfg.model.resolve()
+    partitioned = False
     if cfg.engine.kind == "deepspeed":
         from dlm.training.deepspeed_engine import build_partitioned_model, uses_zero_init
 
-        if uses_zero_init(cfg, arch):
+        partitioned = uses_zero_init(cfg, arch)
+        if partitioned:
             model = build_partitioned_model(cfg, arch, device, world_size)
         else:
             model = build_model(arch, device)
     else:
         model = build_model(arch, device)
+    if cfg.model.init_from is not None and not _resumes(cfg):
+        load_initial_weights(model, cfg, partitioned)
     if cfg.engine.activation_checkpointing:
         checkpoint_blocks(model)
     return model
+
+
+def _resumes(cfg: RunConfig) -> bool:
+    """Whether this run will restore a checkpoint (``checkpoint.resume`` names one that exists)."""
+    from dlm.training.checkpoint import Checkpointer
+
+    resume = cfg.checkpoint.resume
+    return bool(resume) and Checkpointer(Path(cfg.run.dir)).resolve(resume) is not None
+
+
+def load_initial_weights(model: nn.Module, cfg: RunConfig, partitioned: bool) -> None:
+    """Copy ``model.init_from``'s weights into ``model``, one tensor at a time.
+
+    A model partitioned by ZeRO-3 ``zero.Init`` is filled parameter by parameter inside DeepSpeed's
+    ``GatheredParameters(modifier_rank=0)``: only rank 0 reads the source, and DeepSpeed re-partitions each
+    parameter from rank 0's values when the context closes, so no rank ever holds more than one whole
+    parameter. Otherwise every rank reads the source (the engines broadcast rank 0's weights anyway).
+    Length-head parameters the source lacks keep their fresh initialisation (checked at config validation).
+    """
+    from dlm.modeling.hf_init import locate, open_weights
+
+    main = not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    source = locate(cfg.model.init_from, cfg.model.init_from_format)  # type: ignore[arg-type]
+    reader = open_weights(source) if main or not partitioned else None
+
+    def whole(param: nn.Parameter) -> ContextManager[Any]:
+        if not partitioned:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([param], modifier_rank=0)
+
+    with reader if reader is not None else contextlib.nullcontext(), torch.no_grad():
+        for name, param in model.named_parameters():
+            with whole(param):
+                if reader is not None and name in reader.tensors:
+                    param.copy_(reader.get(name).to(param.device))
+    if main:
+        print(f"initialised the model from {source.path} ({source.format})", flush=True)
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, device: torch.device) -> Engine:
