@@ -87,7 +87,9 @@ def _import(args: argparse.Namespace) -> int:
 
 def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     export = sub.add_parser("export", help="write a run or checkpoint as Hugging Face sharded safetensors")
-    export.add_argument("source", help="run directory, checkpoint directory or `dlm import` output")
+    export.add_argument(
+        "source", help="run directory, checkpoint (step_N, plain or DeepSpeed ZeRO 0-3) or `dlm import` output"
+    )
     export.add_argument("out_dir", help="new directory to write (created atomically)")
     export.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     export.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB or bytes")

@@ -361,6 +361,30 @@ def test_cli_import_export_import_is_bitwise(tmp_path: Path) -> None:
     assert (info.mask_id, info.eos_id, cfg.vocab_size) == (WORDS + 2, 1, WORDS + 3)
 
 
+def test_cli_exports_a_plain_engine_checkpoint_or_a_run_without_final_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A step_N checkpoint exports the weights of that step; a run directory without final weights (killed, or
+    checkpoint.save_final=false) exports its newest complete checkpoint; with neither, one line says what to pass."""
+    from .conftest import tiny_overrides
+    from .runs import SMOKE, assert_same_weights
+
+    run_dir = tmp_path / "run"
+    overrides = tiny_overrides(run_dir, run__steps=2, checkpoint__interval=2, engine__precision="fp32")
+    assert main(["train", SMOKE, *overrides]) == 0
+    assert main(["export", str(run_dir / "checkpoints" / "step_000002"), str(tmp_path / "a"), "--dtype", "fp32"]) == 0
+    assert_same_weights(tmp_path / "a", run_dir / "model.safetensors")
+    (run_dir / "model.safetensors").unlink()
+    assert main(["export", str(run_dir), str(tmp_path / "b"), "--dtype", "fp32"]) == 0
+    assert_same_weights(tmp_path / "b", tmp_path / "a")
+    capsys.readouterr()
+    for path in run_dir.glob("checkpoints/step_*"):
+        (path / "COMPLETE").unlink()  # as if every save had been cut short
+    assert main(["export", str(run_dir), str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "holds no complete checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
 def test_cli_reports_errors_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _gpt2_dir(tmp_path / "gpt2", vocab=WORDS + 2)
     assert main(["import", str(tmp_path / "gpt2"), str(tmp_path / "a"), "--from", "llama"]) == 2
