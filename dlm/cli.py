@@ -280,12 +280,13 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     length = ev_sub.add_parser("length", help="length budgets: fixed canvases vs zero-shot EOS vs the length head "
                                               "vs the oracle (coverage, over-allocation, generation cost)")
-    length.add_argument("--data", required=True, help="alpaca-style .json or gsm8k-style question/answer .jsonl")
+    length.add_argument("--data", required=True, action="append",
+                        help="alpaca-style .json or gsm8k-style question/answer .jsonl; repeat for an SFT mix")
     length.add_argument("--model", required=True, help="run directory, checkpoint or export to evaluate")
     length.add_argument("--out", default=None, help="directory for length_eval.md/.json and the plots")
     length.add_argument("--q", type=float, default=0.9, help="quantile of the predicted bounds")
     length.add_argument("--fixed", default="512,1024", help="fixed canvases to compare with, comma-separated")
-    length.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    length.add_argument("--limit", type=int, default=None, help="only the first N examples (of each file)")
     length.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
     length.add_argument("--generate", action="store_true",
                         help="also run the sampler per method: measured cost, wall time, synthetic-task accuracy")

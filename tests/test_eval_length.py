@@ -250,3 +250,14 @@ def test_bad_inputs_are_one_line_errors(runs: dict[str, Path], tmp_path: Path,
     assert main([*base, "--data", str(runs["data"]), "--q", "1.5"]) == 2
     assert "--q must be in (0, 1]" in capsys.readouterr().err
     assert main(["eval", "length", "--data", str(runs["data"]), "--model", str(tmp_path / "nowhere")]) == 2
+
+
+def test_an_sft_mix_of_files_with_different_layouts(runs: dict[str, Path], loaded: LoadedModel,
+                                                    tmp_path: Path) -> None:
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name two colours.", "input": "", "output": "red blue"},
+                                  {"instruction": "Say yes.", "input": "Politely.", "output": "yes please"}]))
+    report = evaluate_length([runs["data"], alpaca], loaded, fixed=[16], progress=False)
+    assert report.lengths == [*LENGTHS, 2, 2] and report.layout == "qa+alpaca"
+    assert not report.synthetic  # alpaca answers cannot be checked exactly
+    assert any("cats.jsonl 4, alpaca.json 2" in n for n in report.notes)

@@ -512,8 +512,26 @@ def _generate(
         m.generation["accuracy"] = sum(check(e.question, t) for e, t in zip(examples, texts)) / len(examples)
 
 
+def _read_all(
+    data: str | Path | Sequence[str | Path], loaded: LoadedModel, *, template: str | None, split: Split,
+    eval_fraction: float | None, limit: int | None,
+) -> EvalData:
+    """:func:`read_examples` over one file or several (an SFT mix: each file its own layout), concatenated;
+    ``limit`` applies to each file."""
+    files = [data] if isinstance(data, (str, Path)) else list(data)
+    if not files:
+        raise DataError("no data file given; pass --data FILE (repeat it for several files)")
+    parts = [read_examples(f, loaded, template=template, split=split, eval_fraction=eval_fraction, limit=limit)
+             for f in files]
+    notes = list(dict.fromkeys(n for p in parts for n in p.notes))
+    if len(parts) > 1:
+        notes.append("examples per file: " + ", ".join(f"{Path(f).name} {len(p.examples)}" for f, p in zip(files, parts)))
+    return EvalData([e for p in parts for e in p.examples], "+".join(dict.fromkeys(p.layout for p in parts)),
+                    parts[0].template, all(p.synthetic for p in parts), notes)
+
+
 def evaluate_length(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     model: str | Path | LoadedModel,
     *,
     q: float = 0.9,
@@ -530,7 +548,8 @@ def evaluate_length(
     seed: int = 0,
     progress: bool = True,
 ) -> LengthReport:
-    """Score every method on ``data`` for ``model`` (a run directory, checkpoint, export, or a loaded model).
+    """Score every method on ``data`` (a file, or several files read one after the other) for ``model`` (a run
+    directory or checkpoint that :func:`~dlm.generation.load_for_generation` reads, or a loaded model).
 
     Metrics per method: ``coverage`` (share of prompts whose budget ≥ the true answer length), ``mean_ratio`` /
     ``median_ratio`` (budget / true length), ``bucket_accuracy`` (budget in the true length's power-of-two
@@ -539,7 +558,7 @@ def evaluate_length(
     """
     _check_args(q, fixed, limit, batch_size, steps_per_token)
     loaded = model if isinstance(model, LoadedModel) else load_for_generation(model, device=device)
-    source = read_examples(data, loaded, template=template, split=split, eval_fraction=eval_fraction, limit=limit)
+    source = _read_all(data, loaded, template=template, split=split, eval_fraction=eval_fraction, limit=limit)
     examples, notes = source.examples, list(source.notes)
     lengths = [e.length for e in examples]
     head = loaded.model.length_head
@@ -572,7 +591,7 @@ def evaluate_length(
             _generate(loaded, examples, m, steps_per_token=steps_per_token, batch_size=batch_size,
                       block_length=block_length, seed=seed, synthetic=source.synthetic, progress=progress)
     return LengthReport(
-        data=str(data), model=str(loaded.directory), layout=source.layout, template=source.template,
+        data=str(data) if isinstance(data, (str, Path)) else ", ".join(map(str, data)), model=str(loaded.directory), layout=source.layout, template=source.template,
         synthetic=source.synthetic, q=q, width=width, steps_per_token=steps_per_token, lengths=lengths,
         methods=methods, sweep=_sweep(readings, lengths, predictors), notes=notes, generated=run_generation,
     )
