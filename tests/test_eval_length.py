@@ -205,15 +205,21 @@ def test_cli_writes_tables_json_and_plots(runs: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "out"
     argv = ["eval", "length", "--data", str(runs["data"]), "--model", str(runs["head"]), "--out", str(out),
-            "--fixed", "16,32", "--q", "0.8", "--device", "cpu"]
+            "--fixed", "16,32", "--q", "0.75", "--device", "cpu"]
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "| bucket-head |" in stdout and "| oracle |" in stdout
     names = {"fixed:16", "fixed:32", "zero-shot", "eos-head", "bucket-head", "oracle"}
     result = json.loads((out / "length_eval.json").read_text())
-    assert set(result["methods"]) == names and result["q"] == 0.8 and result["true_lengths"] == list(LENGTHS)
+    assert set(result["methods"]) == names and result["q"] == 0.75 and result["true_lengths"] == list(LENGTHS)
     assert all(len(m["budgets"]) == 4 and 0 <= m["metrics"]["coverage"] <= 1 for m in result["methods"].values())
     assert set(result["sweep"]) == {"zero-shot", "eos-head", "bucket-head"}
+    # coverage can only grow with q, and the q of the table is a point of the sweep
+    for points in result["sweep"].values():
+        assert [p["coverage"] for p in points] == sorted(p["coverage"] for p in points)
+    (at_q,) = [p for p in result["sweep"]["bucket-head"] if p["q"] == 0.75]
+    assert at_q["coverage"] == result["methods"]["bucket-head"]["metrics"]["coverage"]
+    assert "| bucket-head | " in stdout.split("### Coverage / mean b/L as q sweeps")[1]
     assert (out / "length_eval.md").read_text().startswith("# Length budgets")
     for png in ("predicted_vs_true.png", "coverage_vs_budget.png"):
         data = (out / png).read_bytes()

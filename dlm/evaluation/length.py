@@ -148,8 +148,9 @@ def read_examples(
         if limit is not None and len(kept) >= limit:
             break
     if not kept:
-        raise DataError(f"{data} holds no usable {split if split != 'all' else ''} examples (blank prompts or "
-                        "answers are skipped); check the file, --split and --eval-fraction")
+        where = f" in the {split} split" if split != "all" else ""
+        raise DataError(f"{data} holds no usable examples{where} (blank prompts or answers are skipped); check the "
+                        "file, --split and --eval-fraction")
     pairs = encode_examples(loaded.tokenizer, kept, chosen)
     examples = [EvalExample(_question(e), p.tolist(), a.tolist()) for e, (p, a) in zip(kept, pairs)]
     synthetic = layout == "qa" and all(is_synthetic(e.question) for e in examples)
@@ -165,8 +166,8 @@ class Readings:
 
     ``zero_shot [N, W]``: the LM's EOS probability per canvas position; ``eos_head [N, W]``: the EOS head's
     past-the-end probability; ``bucket [N, K]``: the bucket head's distribution (None without a head).
-    ``seconds``: wall time of the backbone + heads and of the zero-shot LM-head reading, kept apart so each
-    method is charged for what it needs.
+    ``backbone_seconds`` / ``lm_seconds``: wall time of the backbone + heads and of the zero-shot LM-head
+    reading, kept apart so each method is charged for what it needs.
     """
 
     width: int
@@ -417,6 +418,12 @@ class LengthReport:
         notes = [f"- {m.name}: {m.note}" for m in self.methods if m.note]
         lines += ["", "b/L = budget / true length. Estimated cost runs every schedule to its end (no stop at EOS); "
                   "predicted methods include their prediction pass.", *notes]
+        qs = [p["q"] for p in next(iter(self.sweep.values()))]
+        lines += ["", "### Coverage / mean b/L as q sweeps", "",
+                  "| predictor | " + " | ".join(f"q {q:g}" for q in qs) + " |", "|" + "---|" * (1 + len(qs))]
+        for name, points in self.sweep.items():
+            lines.append(f"| {name} | " + " | ".join(f"{p['coverage']:.1%} / {p['mean_ratio']:.2f}" for p in points)
+                         + " |")
         if self.generated:
             acc = "accuracy | " if self.synthetic else ""
             gen_vs = [f"vs {f.name}" for f in fixed]
@@ -448,14 +455,17 @@ def _oracle(lengths: Sequence[int]) -> MethodResult:
     return MethodResult("oracle", "next power of two of the true length", budgets, True, 2 * max(budgets))
 
 
-def _sweep(readings: Readings, lengths: Sequence[int], methods: Sequence[str]) -> dict[str, list[dict[str, float]]]:
+def _sweep(readings: Readings, lengths: Sequence[int], methods: Sequence[str], q: float
+           ) -> dict[str, list[dict[str, float]]]:
+    """Coverage and mean budget / true length of each predictor at every q of the sweep, the chosen q included."""
     sweep: dict[str, list[dict[str, float]]] = {}
+    qs = sorted({*SWEEP_QS, q})
     for name in methods:
         points = []
-        for q in SWEEP_QS:
-            _, budgets = predicted_budgets(readings, name, q)
+        for point in qs:
+            _, budgets = predicted_budgets(readings, name, point)
             m = _metrics(budgets, lengths, readings.edges)
-            points.append({"q": q, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]})
+            points.append({"q": point, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]})
         sweep[name] = points
     return sweep
 
@@ -593,7 +603,7 @@ def evaluate_length(
     return LengthReport(
         data=str(data) if isinstance(data, (str, Path)) else ", ".join(map(str, data)), model=str(loaded.directory), layout=source.layout, template=source.template,
         synthetic=source.synthetic, q=q, width=width, steps_per_token=steps_per_token, lengths=lengths,
-        methods=methods, sweep=_sweep(readings, lengths, predictors), notes=notes, generated=run_generation,
+        methods=methods, sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
     )
 
 
