@@ -143,7 +143,8 @@ def _data_stats(args: argparse.Namespace) -> int:
 def _data_synthetic(args: argparse.Namespace) -> int:
     from dlm.evaluation.synthetic import write_jsonl
 
-    examples = write_jsonl(args.out_file, args.n, args.seed, args.max_answer_tokens, args.tasks.split(","))
+    examples = write_jsonl(args.out_file, args.n, args.seed, args.max_answer_tokens, args.tasks.split(","),
+                           exclude=args.exclude)
     items = sorted(e.items for e in examples)
     print(f"wrote {len(examples)} examples to {args.out_file} (answer tokens: min {items[0]}, "
           f"median {items[len(items) // 2]}, max {items[-1]})")
@@ -184,6 +185,8 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
     synth.add_argument("--seed", type=int, default=0, help="the data is a pure function of the seed")
     synth.add_argument("--max-answer-tokens", type=int, default=250, help="longest answer in GPT-2 tokens")
     synth.add_argument("--tasks", default="repeat,count,reverse,sort", help="comma-separated subset of the tasks")
+    synth.add_argument("--exclude", action="append", default=[], metavar="FILE",
+                       help="a test set: skip every question of FILE (e.g. the training set) and repeats; repeatable")
     synth.set_defaults(func=_data_synthetic)
     words = data_sub.add_parser(
         "word-tokenizer", help="train a word-level tokenizer on a small closed-vocabulary corpus (the synthetic task)"

@@ -93,3 +93,29 @@ def test_cli_data_synthetic(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "50 examples" in capsys.readouterr().out
     assert main(["data", "synthetic", str(tmp_path), "--n", "5"]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_test_set_can_exclude_the_training_questions(tmp_path: Path) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl", 3000, seed=1, max_answer_tokens=120)
+    plain = list(iter_examples(300, seed=2, max_answer_tokens=120))
+    train_questions = {e.question for e in train}
+    assert any(e.question in train_questions for e in plain)  # without --exclude, short questions repeat
+    test = write_jsonl(tmp_path / "test.jsonl", 300, seed=2, max_answer_tokens=120, exclude=[tmp_path / "train.jsonl"])
+    assert len(test) == 300 and len({e.question for e in test}) == 300
+    assert not {e.question for e in test} & train_questions
+    assert test == write_jsonl(tmp_path / "again.jsonl", 300, seed=2, max_answer_tokens=120,
+                               exclude=[tmp_path / "train.jsonl"])
+    # "Repeat the word X 2 times." has only 8 forms: 50 new ones cannot exist
+    with pytest.raises(DataError, match="of 50 new questions"):
+        write_jsonl(tmp_path / "tiny.jsonl", 50, max_answer_tokens=2, tasks=["repeat"], exclude=[tmp_path / "test.jsonl"])
+    with pytest.raises(DataError, match="does not exist"):
+        write_jsonl(tmp_path / "x.jsonl", 5, exclude=[tmp_path / "missing.jsonl"])
+
+
+def test_cli_data_synthetic_exclude(tmp_path: Path) -> None:
+    assert main(["data", "synthetic", str(tmp_path / "train.jsonl"), "--n", "500", "--max-answer-tokens", "30"]) == 0
+    assert main(["data", "synthetic", str(tmp_path / "test.jsonl"), "--n", "40", "--seed", "9",
+                 "--max-answer-tokens", "30", "--exclude", str(tmp_path / "train.jsonl")]) == 0
+    train = {json.loads(line)["question"] for line in (tmp_path / "train.jsonl").read_text().splitlines()}
+    test = [json.loads(line)["question"] for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert len(test) == 40 and not set(test) & train

@@ -163,15 +163,57 @@ def iter_examples(
         yield _MAKERS[rng.choice(usable)](rng, items)
 
 
+def questions_in(paths: Sequence[str | Path]) -> set[str]:
+    """The questions of synthetic JSON Lines files (whitespace-normalised), to keep a test set apart from them."""
+    found: set[str] = set()
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; --exclude takes files written by `dlm data synthetic`")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    found.add(_normalise(json.loads(line)["question"]))
+                except (ValueError, KeyError, TypeError) as exc:
+                    raise DataError(f"{path}:{number} is not a question/answer JSON line ({exc})") from exc
+    return found
+
+
+def _unseen(n: int, seed: int, max_answer_tokens: int, tasks: Sequence[str], exclude: set[str]) -> list[Example]:
+    """``n`` examples whose questions are not in ``exclude`` (nor repeated), drawn from one seeded stream.
+
+    Short questions are few (8 words × a handful of counts), so a test set drawn with another seed would
+    repeat many training questions; skipping them keeps exact-match accuracy a measure of the model, not of
+    memory. Gives up, naming the fix, when the stream runs dry.
+    """
+    examples: list[Example] = []
+    seen = set(exclude)
+    for example in iter_examples(200 * n, seed, max_answer_tokens, tasks):
+        if example.question not in seen:
+            seen.add(example.question)
+            examples.append(example)
+            if len(examples) == n:
+                return examples
+    raise DataError(f"only {len(examples)} of {n} new questions after {200 * n} draws; ask for fewer, raise "
+                    "--max-answer-tokens or exclude less")
+
+
 def write_jsonl(
     path: str | Path,
     n: int,
     seed: int = 0,
     max_answer_tokens: int = DEFAULT_MAX_ANSWER_TOKENS,
     tasks: Sequence[str] = TASKS,
+    exclude: Sequence[str | Path] = (),
 ) -> list[Example]:
-    """Write ``n`` examples to ``path`` as ``{"question", "answer"}`` JSON Lines (parents created)."""
-    examples = list(iter_examples(n, seed, max_answer_tokens, tasks))
+    """Write ``n`` examples to ``path`` as ``{"question", "answer"}`` JSON Lines (parents created).
+
+    With ``exclude`` (files of this task, e.g. the training set), every question is new: in none of those files
+    and not repeated within this one.
+    """
+    if exclude:
+        examples = _unseen(n, seed, max_answer_tokens, tasks, questions_in(exclude))
+    else:
+        examples = list(iter_examples(n, seed, max_answer_tokens, tasks))
     out = Path(path)
     if out.is_dir():
         raise DataError(f"{out} is a directory; give a file name such as {out / 'synthetic.jsonl'}")
