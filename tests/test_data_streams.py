@@ -495,3 +495,21 @@ def test_fineweb_config_validates_without_reading_data(tmp_path: Path) -> None:
 def test_data_section_rejects_impossible_combinations(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
         validate({"data": data})
+
+
+def test_sft_files_of_different_layouts_mix_in_one_source(tokenizer) -> None:
+    """alpaca .json and question/answer .jsonl in one data.paths: each file read with its own layout."""
+    paths = [str(SFT_DIR / "alpaca_en_demo_24.json"), str(SFT_DIR / "gsm8k_train_24.jsonl")]
+    section = DataSection(paths=paths, format="sft", seq_len=1024, eval_fraction=0.1, overflow="cut",
+                          shuffle_buffer=4)
+    stream = build_pretrain_stream(section, tokenizer, seed=0, micro_batch_size=8)
+    prompts = []
+    for _ in range(5):
+        batch = next(stream)
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["prompt_mask"].tolist()):
+            prompts.append(tokenizer.tokenizer.decode(ids[: sum(mask)]))
+    stream.close()
+    gsm8k = [json.loads(line)["question"] for line in (SFT_DIR / "gsm8k_train_24.jsonl").read_text().splitlines()]
+    alpaca = [r["instruction"] for r in json.loads((SFT_DIR / "alpaca_en_demo_24.json").read_text())]
+    assert any(p.startswith(tuple(gsm8k)) for p in prompts)
+    assert any(p.startswith(tuple(alpaca)) for p in prompts)

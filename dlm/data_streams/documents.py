@@ -22,7 +22,7 @@ counted. A consumer whose share of a whole epoch holds no document raises instea
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
@@ -60,20 +60,22 @@ class TextSource:
     text_column: str = "text"
     sft: bool = False
     sft_template: str = "plain"
-    sft_layout: str = ""
-    columns: tuple[str, ...] = ()
+    # SFT: each file's own layout and columns (by piece name), so alpaca and question/answer files mix
+    sft_layouts: dict[str, tuple[str, tuple[str, ...]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.pieces:
             raise DataError("the data source holds no files; set data.paths to files that hold documents")
-        if not self.columns:
-            self.columns = (self.text_column,)
+
+    def columns_of(self, piece: Piece) -> tuple[str, ...]:
+        """The columns to read from ``piece``: the text column, or its SFT layout's columns."""
+        return self.sft_layouts[piece.name][1] if self.sft else (self.text_column,)
 
     def unit_of_row(self, row: dict[str, Any], piece: Piece) -> Any:
         """The row's document or example; None when blank; ``_HELD_OUT`` when it belongs to the eval split."""
         unit: Unit | None
         if self.sft:
-            example = example_of_row(row, self.sft_layout, piece.name)
+            example = example_of_row(row, self.sft_layouts[piece.name][0], piece.name)
             unit, key = example, (example.split_hash() if example is not None else 0)
         else:
             text = text_of_row(row, self.text_column, piece)
@@ -91,7 +93,7 @@ class TextSource:
     def natural_units(self) -> Iterator[tuple[bool, Unit]]:
         """Every non-blank document in source order with whether it is held out (the eval scan)."""
         for piece in self.pieces:
-            for row in iter_piece_rows(piece, self.columns, fix=self.column_fix()):
+            for row in iter_piece_rows(piece, self.columns_of(piece), fix=self.column_fix()):
                 unit = self.unit_of_row(row, piece)
                 if unit is None:
                     continue
@@ -103,13 +105,18 @@ class TextSource:
     def column_fix(self) -> str:
         """The advice a missing-column error gives for this kind of source."""
         if self.sft:
-            return "SFT data needs the same columns in every file"
+            return "every row of an SFT file needs the columns of its first row"
         return "set data.text_column to the column that holds the text"
 
 
-def sft_columns(piece: Piece) -> tuple[str, list[str]]:
-    """Detect the SFT layout of a source from the columns of its first piece."""
-    return detect_layout(piece_columns(piece), piece.name)
+def sft_layouts(pieces: Sequence[Piece]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The SFT layout and columns of every file (read once per file name, before any worker starts)."""
+    layouts: dict[str, tuple[str, tuple[str, ...]]] = {}
+    for piece in pieces:
+        if piece.name not in layouts:
+            layout, columns = detect_layout(piece_columns(piece), piece.name)
+            layouts[piece.name] = (layout, tuple(columns))
+    return layouts
 
 
 class TextDocStream:
@@ -130,7 +137,7 @@ class TextDocStream:
         for pos in range(piece_pos, len(plan_pieces_)):
             piece = self.source.pieces[plan_pieces_[pos]]
             index = row if pos == piece_pos else 0
-            for values in iter_piece_rows(piece, self.source.columns, index, fix=self.source.column_fix()):
+            for values in iter_piece_rows(piece, self.source.columns_of(piece), index, fix=self.source.column_fix()):
                 mine = raw % stride == offset
                 raw += 1
                 index += 1

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import glob
 import gzip
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -288,14 +288,19 @@ def count_rows(piece: Piece) -> int | None:
     return rows if piece.limit is None else min(rows, piece.limit)
 
 
-def limit_pieces(pieces: Sequence[Piece], max_docs: int, columns: Sequence[str]) -> list[Piece]:
-    """Keep only the first ``max_docs`` rows of the source in piece order (reads at most that many rows)."""
+def limit_pieces(
+    pieces: Sequence[Piece], max_docs: int, columns: Sequence[str] | Callable[[Piece], Sequence[str]]
+) -> list[Piece]:
+    """Keep only the first ``max_docs`` rows of the source in piece order (reads at most that many rows).
+
+    ``columns`` are the columns to read, or a function giving them per piece (SFT files of several layouts)."""
     kept: list[Piece] = []
     remaining = max_docs
     for piece in pieces:
         if remaining <= 0:
             break
-        rows = sum(1 for _ in iter_piece_rows(replace(piece, limit=remaining), columns))
+        wanted = columns(piece) if callable(columns) else columns
+        rows = sum(1 for _ in iter_piece_rows(replace(piece, limit=remaining), wanted))
         if rows:
             kept.append(replace(piece, limit=rows) if rows == remaining else piece)
         remaining -= rows

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from dlm.data_streams.documents import Doc, ShardDocStream, TextDocStream, TextSource, sft_columns
+from dlm.data_streams.documents import Doc, ShardDocStream, TextDocStream, TextSource, sft_layouts
 from dlm.data_streams.eval_set import EvalSet, build_eval_set
 from dlm.data_streams.formats import DocFeed, make_batch
 from dlm.data_streams.shards import ShardSet
@@ -273,13 +273,12 @@ def open_source(data: DataSection, tokenizer: TokenizerInfo) -> TextSource | Sha
     else:
         pieces = file_pieces(resolve_files(data.paths))
     sft = data.format == "sft"
-    layout, columns = sft_columns(pieces[0]) if sft else ("", [data.text_column])
+    layouts = sft_layouts(pieces) if sft else {}
     if data.max_docs is not None:
-        pieces = limit_pieces(pieces, data.max_docs, columns)
+        pieces = limit_pieces(pieces, data.max_docs, lambda p: layouts[p.name][1] if sft else [data.text_column])
     return TextSource(
         pieces=tuple(pieces), tokenizer=tokenizer, eval_threshold=eval_threshold(data.eval_fraction),
-        text_column=data.text_column, sft=sft, sft_template=data.sft_template, sft_layout=layout,
-        columns=tuple(columns),
+        text_column=data.text_column, sft=sft, sft_template=data.sft_template, sft_layouts=layouts,
     )
 
 
