@@ -62,17 +62,35 @@ class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
             value = self.overrides().get(field, first.get("input")) if field else self.overrides()
             raise _CrossFieldError(key, value, first["msg"].removeprefix("Value error, ")) from None
         if self.init_from is not None:
-            self._check_init_from(arch)
+            self._check_init_from(arch, require=False)
         return self
 
-    def _check_init_from(self, arch: TransformerConfig) -> None:
-        """Reads config files and safetensors headers only, so a wrong path or shape fails at validation,
-        before any run directory or worker exists."""
+    def check_init_from(self) -> None:
+        """Refuse an ``init_from`` that is missing or does not fit the configured model (a ConfigError).
+
+        Validation already checks a source that holds weights, so a wrong format or shape fails before any run
+        directory or worker exists. A source without weights yet passes validation — a pipeline's config may
+        name the output of an earlier run (``configs/sft-length.yaml`` starts from ``runs/smoke``), absent or
+        still running — and is refused here, where a run is about to read it.
+        """
+        if self.init_from is not None:
+            try:
+                self._check_init_from(self.resolve(), require=True)
+            except _CrossFieldError as exc:
+                raise ConfigError(f"config error: {exc.key} = {exc.value!r}: {exc.allowed}") from None
+
+    def _check_init_from(self, arch: TransformerConfig, require: bool) -> None:
+        """Reads config files and safetensors headers only, never the weights; without ``require`` a source
+        that holds no weights yet passes."""
         from dlm.modeling.hf_init import check_init_source, locate
         from dlm.modeling.hf_io import InteropError
+        from dlm.modeling.hf_sources import NoWeightsError
 
         try:
             check_init_source(locate(self.init_from, self.init_from_format), arch)
+        except NoWeightsError as exc:
+            if require:
+                raise _CrossFieldError("model.init_from", self.init_from, str(exc)) from None
         except InteropError as exc:
             raise _CrossFieldError("model.init_from", self.init_from, str(exc)) from None
 

@@ -121,12 +121,11 @@ def test_init_from_a_transformers_model(kind: str, tmp_path: Path) -> None:
     assert all(torch.isfinite(torch.tensor(loss)) for loss in step_losses(run_dir).values())
 
 
-def test_bad_path_format_or_shape_fails_in_one_line_before_the_run_starts(
+def test_bad_format_or_shape_fails_in_one_line_before_the_run_starts(
     trained: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, exported = trained
     cases = [
-        ([f"model.init_from={tmp_path / 'nope'}"], "does not exist"),
         ([f"model.init_from={exported}", "model.d_model=32"],
          "tensor embed.weight has shape [50304, 64] in the dlm model at"),
         ([f"model.init_from={exported}", "model.n_layers=2"], "has blocks.2.attn.k_proj.weight"),
@@ -143,6 +142,23 @@ def test_bad_path_format_or_shape_fails_in_one_line_before_the_run_starts(
         assert not run_dir.exists(), "the error must come before the run directory exists"
     with pytest.raises(ConfigError, match="d_model=64"):  # the message names the source's architecture
         load_config(SMOKE, [f"model.init_from={exported}", "model.d_model=32"])
+
+
+def test_a_missing_source_is_refused_when_the_run_needs_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config may name what an earlier run will write (configs/sft-length.yaml starts from runs/smoke): it
+    validates, and the run that would read the missing source stops with one line, before any step."""
+    missing = tmp_path / "not-yet"
+    cfg = load_config(SMOKE, _fp32(tmp_path / "a", f"model.init_from={missing}"))
+    with pytest.raises(ConfigError, match=r"model.init_from = .*not-yet.* does not exist"):
+        cfg.model.check_init_from()
+    (tmp_path / "running").mkdir()  # a run directory that has written no weights and no checkpoint yet
+    running = load_config(SMOKE, _fp32(tmp_path / "b", f"model.init_from={tmp_path / 'running'}"))
+    with pytest.raises(ConfigError, match="holds no complete checkpoint"):
+        running.model.check_init_from()
+    assert main(["train", SMOKE, *_fp32(tmp_path / "run", f"model.init_from={missing}")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.init_from" in err and "does not exist" in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from dlm.modeling.config import TransformerConfig
 from dlm.modeling.hf_io import CheckpointReader, InteropError, TensorInfo, expected_shapes, listing
 from dlm.modeling.hf_sources import (
     MODEL_CONFIG_NAME,
+    NoWeightsError,
     ExportSource,
     WeightReader,
     find_checkpoint,
@@ -58,7 +59,7 @@ def locate(path: str | Path, fmt: str = "auto") -> InitSource:
     if fmt not in INIT_FORMATS:
         raise InteropError(f"init format {fmt!r} is not supported; allowed: {', '.join(INIT_FORMATS)}")
     if not directory.exists():
-        raise InteropError(
+        raise NoWeightsError(
             f"{directory} does not exist; name a dlm export, run or checkpoint directory, or a Hugging Face "
             f"{'/'.join(HF_FORMATS)} directory"
         )

@@ -52,6 +52,11 @@ DEEPSPEED_PREFIX = "model."
 WeightsLayout = Literal["safetensors", "deepspeed"]
 
 
+class NoWeightsError(InteropError):
+    """The path holds no model weights (yet): it is absent, or a run that has written neither final weights nor
+    a complete checkpoint."""
+
+
 def step_dir_name(step: int) -> str:
     """``step_000100``: zero-padded so that directory listings sort by step."""
     return f"step_{step:06d}"
@@ -294,7 +299,7 @@ def resolve_source(source: str | Path) -> ExportSource:
     if step is not None:
         return _from_checkpoint(step)
     missing = [n for n in (WEIGHTS_NAME, MODEL_CONFIG_NAME) if not (directory / n).is_file()]
-    raise InteropError(
+    raise NoWeightsError(
         f"{directory} lacks {' and '.join(missing)} and holds no complete checkpoint; pass a run directory of "
         "`dlm train` or `dlm launch`, one of its checkpoints/step_N directories, or an output directory of "
         "`dlm import`"

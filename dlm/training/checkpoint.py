@@ -14,7 +14,9 @@ A save goes to ``step_N.tmp/``; every file is fsynced, ``COMPLETE`` is written, 
 ``step_N`` and only then ``latest`` is replaced (via a temp file and ``os.replace``). A kill at any moment
 therefore leaves either the old ``latest`` or the new one pointing at a complete directory; a failed write
 (full disk) removes the temp directory and re-raises, leaving earlier checkpoints untouched.
-``--resume auto`` follows ``latest`` and falls back to the newest directory holding ``COMPLETE``.
+``--resume auto`` follows ``latest`` and falls back to the newest directory holding ``COMPLETE``. The layout's
+names and that lookup live in :mod:`dlm.modeling.hf_sources`, which ``dlm export`` and ``model.init_from``
+read checkpoints through, so all of them agree on which checkpoint is the newest.
 
 Non-weight state is written with ``torch.save`` and read with ``torch.load(weights_only=True)``, so it may
 only hold tensors and plain containers — numpy's RNG state is converted accordingly.

@@ -236,6 +236,7 @@ def build_training_model(cfg: RunConfig, device: torch.device, world_size: int =
     else:
         model = build_model(arch, device)
     if cfg.model.init_from is not None and not _resumes(cfg):
+        cfg.model.check_init_from()  # a source that did not exist at validation time is checked now
         load_initial_weights(model, cfg, partitioned)
     if cfg.engine.activation_checkpointing:
         checkpoint_blocks(model)
