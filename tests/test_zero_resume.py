@@ -165,9 +165,13 @@ def test_zero3_export_gathers_one_shard_at_a_time_and_matches_zero2(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1])
-def test_export_of_zero0_and_zero1_checkpoints(stage: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (1, "fp32"), (3, "bf16")])
+def test_export_of_other_stages_and_of_bf16_training(stage: int, precision: str, tmp_path: Path) -> None:
+    """ZeRO-0 and ZeRO-1 checkpoints export the final weights too; after bf16 training the fp32 export holds
+    DeepSpeed's fp32 master weights (what the run's final model.safetensors holds), not their bf16 casts."""
     run_dir = tmp_path / "run"
-    assert main(_launch_argv(run_dir, stage, steps=2)) == 0
+    argv = _launch_argv(run_dir, stage, steps=2)
+    argv.insert(argv.index("--workers"), f"engine.precision={precision}")
+    assert main(argv) == 0
     assert main(["export", str(run_dir / "checkpoints"), str(tmp_path / "export"), "--dtype", "fp32"]) == 0
     assert_same_weights(tmp_path / "export", run_dir / "model.safetensors")
