@@ -99,6 +99,8 @@ def test_incompatible_or_missing_checkpoints_are_refused_clearly(tmp_path: Path)
     path = _save(ckpt, 1, engine)
     with pytest.raises(CheckpointError, match=r"model.d_model: checkpoint 16 vs config 32"):
         Checkpointer.check_compatible(path, {"model": {"d_model": 32}, "tokenizer": {}})
+    # resuming needs the checkpoint's weights, not the source a new run would start from
+    Checkpointer.check_compatible(path, {"model": {"d_model": 16, "init_from": "/elsewhere"}, "tokenizer": {}})
     with pytest.raises(CheckpointError, match="no complete checkpoint"):
         ckpt.resolve(str(tmp_path / "elsewhere"))
     with pytest.raises(CheckpointError, match="no state for rank 1"):

@@ -202,8 +202,10 @@ class Checkpointer:
         for section in ("model", "tokenizer"):
             before, now = saved.get(section, {}), resolved_config.get(section, {})
             for key in sorted(set(before) | set(now)):
-                if key == "attention" or key == "compile":
-                    continue  # kernels may change between runs; the weights do not depend on them
+                if key in ("attention", "compile", "init_from", "init_from_format"):
+                    # kernels may change between runs; the weights do not depend on them, nor, once a
+                    # checkpoint exists, on where the run's first weights came from
+                    continue
                 if before.get(key) != now.get(key):
                     diffs.append(f"{section}.{key}: checkpoint {before.get(key)!r} vs config {now.get(key)!r}")
         if diffs:
