@@ -479,6 +479,8 @@ class RunConfig(Section):
         """The full tree with the model preset expanded, as written to ``config.yaml`` in the run dir."""
         tree = self.model_dump(mode="json")
         tree["model"] = {"preset": self.model.preset, **self.model.resolve().model_dump(mode="json")}
+        if self.model.init_from is not None:
+            tree["model"].update(init_from=self.model.init_from, init_from_format=self.model.init_from_format)
         return tree
 
 

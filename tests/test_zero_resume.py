@@ -165,7 +165,7 @@ def test_zero3_export_gathers_one_shard_at_a_time_and_matches_zero2(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (1, "fp32"), (3, "bf16")])
+@pytest.mark.parametrize(("stage", "precision"), [(0, "fp32"), (0, "bf16"), (1, "fp32"), (3, "bf16")])
 def test_export_of_other_stages_and_of_bf16_training(stage: int, precision: str, tmp_path: Path) -> None:
     """ZeRO-0 and ZeRO-1 checkpoints export the final weights too; after bf16 training the fp32 export holds
     DeepSpeed's fp32 master weights (what the run's final model.safetensors holds), not their bf16 casts."""

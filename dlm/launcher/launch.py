@@ -55,6 +55,8 @@ def check_inputs(cfg: RunConfig) -> list[str]:
         return [f"tokenizer {name!r} and data are on the Hugging Face hub: not downloaded by the dry run"]
     tokenizer = load_tokenizer(name, cfg.tokenizer.mask_token)
     check_vocab(tokenizer, cfg.model.resolve().vocab_size)
+    if not cfg.checkpoint.resume:
+        cfg.model.check_init_from()
     if cfg.data.source == "hub":
         return [f"data {cfg.data.hub_name!r} is on the Hugging Face hub: not contacted by the dry run"]
     validate_data_source(cfg.data, tokenizer)

@@ -311,9 +311,10 @@ class DeepSpeedEngine:
         main = dist.get_rank() == 0
         state: dict[str, Tensor] = {}
         for name, param in self.model.named_parameters():
-            if self.ds_config["bf16"]["enabled"]:
-                whole = safe_get_full_fp32_param(param)
-            else:
+            # None where DeepSpeed keeps no fp32 master for the parameter (bf16 at stage 0): its value is then
+            # the parameter itself
+            whole = safe_get_full_fp32_param(param) if self.ds_config["bf16"]["enabled"] else None
+            if whole is None:
                 with deepspeed.zero.GatheredParameters([param], modifier_rank=None, enabled=self.stage == 3):
                     whole = param.detach().clone()
             if main:

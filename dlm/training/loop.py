@@ -69,6 +69,8 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
     arch = cfg.model.resolve()
     check_vocab(tokenizer, arch.vocab_size)
     validate_data_source(cfg.data, tokenizer)  # fail on a bad path, hub name or shards before the run dir exists
+    if not cfg.checkpoint.resume:  # a resumed run reads its own checkpoint, not init_from
+        cfg.model.check_init_from()
 
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
