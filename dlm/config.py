@@ -190,6 +190,11 @@ class ObjectiveSection(Section):
         description="share of each micro-batch's rows drawn in the generation-start state (answer fully masked) "
         "for the length head",
     )
+    max_scored_per_row: Optional[int] = Field(  # noqa: UP045 - pydantic needs a runtime type here
+        None, gt=0,
+        description="LM-head positions scored per row; more masked ones are subsampled uniformly and reweighted "
+        "(an unbiased estimate of the same loss at less head cost); null scores every masked position",
+    )
     shift: bool = Field(False, description="position i predicts token i+1 (AR adaptation, DiffuGPT/DiffuLLaMA)")
     attention_annealing_steps: int = Field(
         0, ge=0, description="steps over which attention goes from causal to bidirectional (DiffuLLaMA); 0 = off"

@@ -10,7 +10,7 @@ from dlm.config import ObjectiveSection
 from dlm.generation.rows import canvas_logits, pack_rows
 from dlm.modeling import DiffusionTransformer, LengthHeadConfig, preset
 from dlm.modeling.length_head import bucket_of
-from dlm.training.objective import LENGTH_STATS, diffusion_loss, mask_generator, noise_batch
+from dlm.training.objective import LENGTH_STATS, diffusion_loss, mask_generator, noise_batch, subsample_scored
 
 MASK = 50257
 EOS = 50256
@@ -188,3 +188,24 @@ def test_shift_generation_reads_the_canvas_logits_one_position_earlier() -> None
         plain = canvas_logits(model, rows, cfg_scale=0.0, mask_id=MASK)
     torch.testing.assert_close(shifted, full[:, 2:6])
     torch.testing.assert_close(plain, full[:, 3:7])
+
+
+def test_scored_subsample_is_an_unbiased_estimate_of_the_full_loss() -> None:
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (4, 64))
+    model = _model(head=False)
+    full = ObjectiveSection(random_length_prob=0.0)
+    capped = ObjectiveSection(random_length_prob=0.0, max_scored_per_row=8)
+    base = noise_batch({"input_ids": ids}, full, MASK, mask_generator(0, 1))
+    with torch.no_grad():
+        want = diffusion_loss(model, base).loss_sum
+        estimates = []
+        for s in range(300):
+            n = noise_batch({"input_ids": ids}, capped, MASK, mask_generator(0, 1))
+            assert torch.equal(n.masked, base.masked) and torch.equal(n.noisy_ids, base.noisy_ids)
+            subsample_scored(n, 8, torch.Generator().manual_seed(s))
+            assert bool((n.scored.sum(1) == n.masked.sum(1).clamp(max=8)).all()) and not (n.scored & ~n.masked).any()
+            estimates.append(diffusion_loss(model, n).loss_sum)
+    mean = torch.stack(estimates).mean()
+    assert abs(float(mean - want)) < 0.02 * float(want)
+    assert not torch.allclose(estimates[0], estimates[1])
