@@ -317,6 +317,8 @@ def test_unigram_cross_entropy_matches_numpy(sample, tokenizer) -> None:
     got = sample.unigram_cross_entropy()
     assert 4.0 < got < 9.0
     assert got == pytest.approx(expected, rel=1e-12)
+    first = float(-np.log(probs[sample.eval_set.rows["input_ids"][:10].ravel()]).mean())
+    assert sample.unigram_cross_entropy(10) == pytest.approx(first, rel=1e-12)  # the rows an eval of 10 scores
 
 
 def test_training_stream_never_shows_held_out_documents(tokenizer) -> None:

@@ -43,16 +43,18 @@ class EvalSet:
         for start in range(0, self.num_rows, batch_size):
             yield {k: torch.from_numpy(v[start : start + batch_size]) for k, v in self.rows.items()}
 
-    def unigram_cross_entropy(self) -> float:
+    def unigram_cross_entropy(self, rows: int | None = None) -> float:
         """Nats per scored eval token under add-one smoothed train unigram frequencies.
 
         A model that has learned only how often each token occurs reaches this loss and no lower, so a
         training run whose masked-token loss is not clearly below it has learned nothing about context.
-        Scored tokens are all tokens, or the non-prompt ones for SFT.
+        Scored tokens are all tokens, or the non-prompt ones for SFT; ``rows`` limits them to the first rows,
+        the ones an evaluation of that many rows scores, so the two figures compare the same tokens.
         """
         counts = self.unigram_counts.astype(np.float64)
         log_probs = np.log((counts + 1.0) / (counts.sum() + counts.size))
-        return float(-log_probs[_scored(self.rows)].mean())
+        kept = self.rows if rows is None else {k: v[:rows] for k, v in self.rows.items()}
+        return float(-log_probs[_scored(kept)].mean())
 
 
 def _scored(rows: dict[str, np.ndarray]) -> np.ndarray:

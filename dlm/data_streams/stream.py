@@ -256,8 +256,8 @@ class TrainStream:
         """Held-out rows in order, once (the last batch may be smaller)."""
         return self.eval_set.eval_batches(batch_size)
 
-    def unigram_cross_entropy(self) -> float:
-        return self.eval_set.unigram_cross_entropy()
+    def unigram_cross_entropy(self, rows: int | None = None) -> float:
+        return self.eval_set.unigram_cross_entropy(rows)
 
 
 # -- building from the config -----------------------------------------------------------------------------------

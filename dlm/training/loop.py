@@ -216,7 +216,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
         "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
         "final_train_loss": last.get("loss"),
         "eval_nelbo": eval_nelbo,
-        "unigram_entropy": data.unigram_cross_entropy(),
+        "unigram_entropy": data.unigram_cross_entropy(cfg.run.eval_batches * cfg.run.micro_batch_size),
         "wall_time_s": time.perf_counter() - started,
         "params": info["params"],
         "non_embedding_params": info["non_embedding_params"],
