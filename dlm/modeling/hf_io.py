@@ -189,7 +189,8 @@ def expected_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, .
     return {name: tuple(t.shape) for name, t in state.items()}
 
 
-def _fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path) -> None:
+    """Flush every file under ``root`` and the directory itself, so a rename after it publishes whole files."""
     for path in sorted(root.rglob("*")):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -223,7 +224,7 @@ def atomic_directory(out_dir: str | Path, overwrite: bool = False) -> Iterator[P
     tmp.mkdir()
     try:
         yield tmp
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         if out.is_dir():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             os.replace(out, old)

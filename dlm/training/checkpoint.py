@@ -35,6 +35,7 @@ import torch
 import yaml
 
 from dlm.errors import UserError
+from dlm.modeling.hf_io import fsync_tree
 from dlm.modeling.hf_sources import (
     COMPLETE_NAME,
     LATEST_NAME,
@@ -85,18 +86,6 @@ def _as_tuples(value: Any) -> Any:
     return value
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class Checkpointer:
     """Writes, finds, prunes and validates the checkpoints of one run directory."""
 
@@ -132,9 +121,9 @@ class Checkpointer:
     def commit(self, tmp: Path, step: int, resolved_config: dict[str, Any]) -> Path:
         """Flush, mark complete, rename into place, then point ``latest`` at it and prune old ones."""
         (tmp / "config.yaml").write_text(yaml.safe_dump(resolved_config, sort_keys=False))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         (tmp / COMPLETE_NAME).write_text(f"{step}\n")
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         final = self.root / step_dir_name(step)
         if final.exists():
             shutil.rmtree(final)
