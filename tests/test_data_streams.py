@@ -21,7 +21,7 @@ from dlm.data_streams import stream as stream_module
 from dlm.data_streams.documents import Doc
 from dlm.data_streams.formats import DocFeed, ListStream, doc_rows_batch, sft_batch
 from dlm.data_streams.shuffle import IndexPermutation, plan_pieces
-from dlm.data_streams.stream import BatchDataset, BatchIterator
+from dlm.data_streams.stream import BatchDataset, BatchIterator, bundle_size
 from dlm.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +125,7 @@ def _consumer_epoch(spec, workers: int, worker: int, monkeypatch: pytest.MonkeyP
     """Epoch 0 of the documents one (rank, worker) reads, through the real BatchDataset entry point."""
     info = SimpleNamespace(num_workers=workers, id=worker) if workers else None
     monkeypatch.setattr(stream_module, "get_worker_info", lambda: info)
-    iterator = iter(BatchDataset(spec, 1, 32))
+    iterator = BatchDataset(spec, 1, 32).batch_iterator()
     docs = []
     for doc, cursor, _ in iterator.stream.iterate(iterator.stream.start()):
         if cursor["epoch"] > 0:
@@ -151,15 +151,23 @@ def test_every_document_goes_to_exactly_one_rank_and_worker(
     assert set(seen) == _train_keys(tokenizer, texts)
 
 
-def test_real_loader_interleaves_the_workers_consumers(corpus, tokenizer) -> None:
-    """Rank 1 of 2 with 2 worker processes: batch i comes from consumer 2 + i % 2, exactly as simulated."""
-    section = _section(corpus[0], num_workers=2)
+@pytest.mark.parametrize("bundle", [1, 3])
+def test_real_loader_interleaves_the_workers_consumers(corpus, tokenizer, bundle: int) -> None:
+    """Rank 1 of 2 with 2 worker processes handing over bundles of K batches: batch i comes from consumer
+    2 + (i // K) % 2, exactly as simulated."""
+    section = _section(corpus[0], num_workers=2, worker_batches=bundle)
     stream = build_pretrain_stream(section, tokenizer, seed=9, micro_batch_size=2, rank=1, world_size=2)
-    got = [next(stream) for _ in range(8)]
+    got = [next(stream) for _ in range(14)]
     stream.close()
     simulated = [BatchIterator(stream.spec, c, 4, 2, 32) for c in (2, 3)]
-    expected = [next(simulated[i % 2]) for i in range(8)]
+    expected = [next(simulated[(i // bundle) % 2]) for i in range(14)]
     assert _same(got, expected)
+
+
+def test_worker_bundles_default_to_a_share_of_the_handoff_cost() -> None:
+    assert bundle_size(None, 0, 4096) == 1 and bundle_size(7, 0, 4096) == 1, "no hand-off in-process"
+    assert bundle_size(None, 2, 8 * 1024) == 16 and bundle_size(None, 2, 64) == 64 and bundle_size(None, 2, 1 << 20) == 1
+    assert bundle_size(5, 2, 64) == 5
 
 
 def test_shuffling_depends_on_seed_and_epoch(corpus, tokenizer) -> None:
@@ -205,16 +213,19 @@ def _resume_check(section: DataSection, tokenizer, ks: tuple[int, ...], total: i
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_bitwise_exact_text_shuffled(corpus, tokenizer, workers: int) -> None:
+@pytest.mark.parametrize(("workers", "bundle"), [(0, None), (2, 5), (2, None)])
+def test_resume_is_bitwise_exact_text_shuffled(corpus, tokenizer, workers: int, bundle: int | None) -> None:
     # 48 docs x ~25 tokens / (3 x 32 tokens per batch): an epoch is ~13 batches per consumer, blocks of 4 docs.
-    _resume_check(_section(corpus[0], num_workers=workers), tokenizer, ks=(1, 6, 17, 29), total=36)
+    # Bundles of 5 put every k in the middle of a worker's hand-off; the default (64 here) never ends one.
+    section = _section(corpus[0], num_workers=workers, worker_batches=bundle)
+    _resume_check(section, tokenizer, ks=(1, 6, 17, 29), total=36)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_bitwise_exact_shards(corpus, shards, tokenizer, workers: int) -> None:
-    _resume_check(_section(corpus[0], shards, num_workers=workers), tokenizer, ks=(2, 13, 27), total=34)
+    section = _section(corpus[0], shards, num_workers=workers, worker_batches=4 if workers else None)
+    _resume_check(section, tokenizer, ks=(2, 13, 27), total=34)
 
 
 @pytest.mark.parametrize("fmt", ["rows", "sft"])
@@ -235,21 +246,32 @@ def test_resume_refuses_another_layout(corpus, tokenizer) -> None:
                {"seed": 0, "micro_batch_size": 4})
     for kwargs in layouts:
         other = build_pretrain_stream(_section(corpus[0]), tokenizer, **{"micro_batch_size": 2, **kwargs})
-        with pytest.raises(DataError, match="resume with the same run.seed, world size, data.num_workers and micro"):
+        with pytest.raises(DataError, match="resume with the same run.seed, world size, data.num_workers, data.wor"):
+            other.load_state_dict(state)
+    workers = build_pretrain_stream(_section(corpus[0], num_workers=2, worker_batches=3), tokenizer, seed=0,
+                                    micro_batch_size=2)
+    next(workers)
+    state = workers.state_dict()
+    workers.close()
+    for bundle in (None, 4):
+        other = build_pretrain_stream(_section(corpus[0], num_workers=2, worker_batches=bundle), tokenizer, seed=0,
+                                      micro_batch_size=2)
+        with pytest.raises(DataError, match="'worker_batches': 3} but this run has .*'worker_batches': (64|4)}"):
             other.load_state_dict(state)
 
 
 # --- sequence-length changes -------------------------------------------------------------------------------------
 
 
-def _lane_documents(batches: list[dict[str, torch.Tensor]], lanes: int, eos: int,
-                    consumers: int = 1) -> list[tuple[list[tuple[int, ...]], list[tuple[int, ...]]]]:
+def _lane_documents(batches: list[dict[str, torch.Tensor]], lanes: int, eos: int, consumers: int = 1,
+                    bundle: int = 1) -> list[tuple[list[tuple[int, ...]], list[tuple[int, ...]]]]:
     """Per consumer, the documents its packed rows spell out lane by lane (row j of a consumer belongs to lane
-    j % lanes; the loader takes batches from the consumers in turn): (complete ones, unfinished tails)."""
+    j % lanes; the loader takes bundles of batches from the consumers in turn): (complete ones, unfinished
+    tails)."""
     streams = [[[] for _ in range(lanes)] for _ in range(consumers)]
     made = [0] * consumers
     for i, batch in enumerate(batches):
-        c = i % consumers
+        c = (i // bundle) % consumers
         for row in batch["input_ids"].tolist():
             streams[c][made[c] % lanes].extend(row)
             made[c] += 1
@@ -273,7 +295,8 @@ def _lane_documents(batches: list[dict[str, torch.Tensor]], lanes: int, eos: int
 def _check_no_loss_no_repeat(stream, batches, tokenizer, consumers: int) -> None:
     """Every document a consumer started is its stream's next document: complete ones exactly once, the
     rest as the unfinished tail of one lane; nothing skipped, nothing twice."""
-    for c, (complete, tails) in enumerate(_lane_documents(batches, stream.spec.lanes, tokenizer.eos_id, consumers)):
+    lanes = _lane_documents(batches, stream.spec.lanes, tokenizer.eos_id, consumers, stream.bundle)
+    for c, (complete, tails) in enumerate(lanes):
         docs = stream.spec.doc_stream(c, consumers).iterate(stream.spec.doc_stream(c, consumers).start())
         expected = [tuple(next(docs)[0].tokens.tolist()) for _ in range(len(complete) + len(tails) + 2)]
         started = expected[: len(complete) + len(tails)]
@@ -289,7 +312,8 @@ def _check_no_loss_no_repeat(stream, batches, tokenizer, consumers: int) -> None
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("workers", [0, 2])
 def test_seq_len_change_keeps_every_token(corpus, tokenizer, workers: int) -> None:
-    section = _section(corpus[0], num_workers=workers)
+    # With 2 workers in bundles of 4, the changes (after 5, 11 and 18 batches) fall inside a worker's bundle.
+    section = _section(corpus[0], num_workers=workers, worker_batches=4 if workers else None)
     stream = build_pretrain_stream(section, tokenizer, seed=4, micro_batch_size=4)
     got, shapes = [], []
     for seq_len, steps in ((32, 5), (64, 6), (16, 7), (128, 6)):

@@ -314,7 +314,8 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One process, plain engine, the same global batch: 2 accumulated micro-batches read by 2 data workers
     (the consumers that 2 ranks with 0 workers each are)."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    assert main(["train", SMOKE, *_run_overrides(run_dir, "run.grad_accum_steps=2", "data.num_workers=2")]) == 0
+    overrides = _run_overrides(run_dir, "run.grad_accum_steps=2", "data.num_workers=2", "data.worker_batches=1")
+    assert main(["train", SMOKE, *overrides]) == 0
     return run_dir
 
 

@@ -172,8 +172,8 @@ def test_zero3_partitioned_model_starts_from_the_export(trained: tuple[Path, Pat
     (tmp_path / "zero3.json").write_text(json.dumps(zero3))
     init = f"model.init_from={exported}"
     single = tmp_path / "single"
-    argv = ["train", SMOKE, *_fp32(single, init, "run.grad_accum_steps=2", "data.num_workers=2", run__steps=2,
-                                   logging__every=1)]
+    argv = ["train", SMOKE, *_fp32(single, init, "run.grad_accum_steps=2", "data.num_workers=2",
+                                   "data.worker_batches=1", run__steps=2, logging__every=1)]
     assert main(argv) == 0
     ranks = tmp_path / "zero3"
     argv = ["launch", SMOKE, *_fp32(ranks, init, "engine.kind=deepspeed", f"engine.deepspeed_config={tmp_path / 'zero3.json'}",

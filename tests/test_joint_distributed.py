@@ -30,7 +30,8 @@ def _joint(run_dir: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_joint_objective_on_two_zero3_ranks_matches_one_process(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
-    assert main(["train", SMOKE, *_joint(reference, "run.grad_accum_steps=2", "data.num_workers=2")]) == 0
+    overrides = _joint(reference, "run.grad_accum_steps=2", "data.num_workers=2", "data.worker_batches=1")
+    assert main(["train", SMOKE, *overrides]) == 0
     run_dir = tmp_path / "zero3"
     argv = ["launch", SMOKE, *_joint(run_dir, "engine.kind=deepspeed", "engine.zero_stage=3"), "--workers", "2"]
     assert main(argv) == 0
