@@ -142,7 +142,7 @@ class DataSection(Section):
     num_workers: int = Field(0, ge=0, description="data-loader worker processes per rank; 0 = in the loop")
     worker_batches: Optional[int] = Field(
         None, ge=1, le=1024,
-        description="batches a worker hands over at once (null: about 128k tokens' worth, at most 64); "
+        description="batches a worker hands over at once (null: about 256k tokens' worth, at most 64); "
         "each hand-off between processes has a fixed cost of about a millisecond",
     )
     doc_attention: bool = Field(True, description="tokens attend only within their own packed document")

@@ -21,7 +21,7 @@ from dlm.data_streams import stream as stream_module
 from dlm.data_streams.documents import Doc
 from dlm.data_streams.formats import DocFeed, ListStream, doc_rows_batch, sft_batch
 from dlm.data_streams.shuffle import IndexPermutation, plan_pieces
-from dlm.data_streams.stream import BatchDataset, BatchIterator, bundle_size
+from dlm.data_streams.stream import BatchDataset, BatchIterator, bundle_end, bundle_size
 from dlm.errors import ConfigError, DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,22 +151,40 @@ def test_every_document_goes_to_exactly_one_rank_and_worker(
     assert set(seen) == _train_keys(tokenizer, texts)
 
 
+def _workers_of(batches: int, workers: int, bundle: int) -> list[int]:
+    """Which worker hands over each batch: bundles in turn, each up to its worker's next ``bundle_end``."""
+    made, order = [0] * workers, []
+    while len(order) < batches:
+        w = (order[-1] + 1) % workers if order else 0
+        end = bundle_end(made[w], bundle)
+        order += [w] * (end - made[w])
+        made[w] = end
+    return order[:batches]
+
+
+def test_bundles_start_small_then_hold_their_size() -> None:
+    assert [bundle_end(c, 8) for c in (0, 1, 2, 3, 4, 7, 8, 9, 15, 16)] == [1, 2, 4, 4, 8, 8, 16, 16, 16, 24]
+    assert [bundle_end(c, 5) for c in (0, 1, 2, 4, 5, 9)] == [1, 2, 4, 5, 10, 10]
+    assert [bundle_end(c, 1) for c in (0, 1, 5)] == [1, 2, 6]
+    assert _workers_of(12, 2, 4) == [0, 1, 0, 1, 0, 0, 1, 1, 0, 0, 0, 0]
+
+
 @pytest.mark.parametrize("bundle", [1, 3])
 def test_real_loader_interleaves_the_workers_consumers(corpus, tokenizer, bundle: int) -> None:
-    """Rank 1 of 2 with 2 worker processes handing over bundles of K batches: batch i comes from consumer
-    2 + (i // K) % 2, exactly as simulated."""
+    """Rank 1 of 2 with 2 worker processes handing over bundles: batch i comes from consumer 2 + the worker
+    whose bundle holds it, exactly as simulated."""
     section = _section(corpus[0], num_workers=2, worker_batches=bundle)
     stream = build_pretrain_stream(section, tokenizer, seed=9, micro_batch_size=2, rank=1, world_size=2)
     got = [next(stream) for _ in range(14)]
     stream.close()
     simulated = [BatchIterator(stream.spec, c, 4, 2, 32) for c in (2, 3)]
-    expected = [next(simulated[(i // bundle) % 2]) for i in range(14)]
+    expected = [next(simulated[w]) for w in _workers_of(14, 2, bundle)]
     assert _same(got, expected)
 
 
 def test_worker_bundles_default_to_a_share_of_the_handoff_cost() -> None:
     assert bundle_size(None, 0, 4096) == 1 and bundle_size(7, 0, 4096) == 1, "no hand-off in-process"
-    assert bundle_size(None, 2, 8 * 1024) == 16 and bundle_size(None, 2, 64) == 64 and bundle_size(None, 2, 1 << 20) == 1
+    assert bundle_size(None, 2, 8 * 1024) == 32 and bundle_size(None, 2, 64) == 64 and bundle_size(None, 2, 1 << 20) == 1
     assert bundle_size(5, 2, 64) == 5
 
 
@@ -270,8 +288,7 @@ def _lane_documents(batches: list[dict[str, torch.Tensor]], lanes: int, eos: int
     tails)."""
     streams = [[[] for _ in range(lanes)] for _ in range(consumers)]
     made = [0] * consumers
-    for i, batch in enumerate(batches):
-        c = (i // bundle) % consumers
+    for batch, c in zip(batches, _workers_of(len(batches), consumers, bundle)):
         for row in batch["input_ids"].tolist():
             streams[c][made[c] % lanes].extend(row)
             made[c] += 1

@@ -10,10 +10,12 @@ are never lost. The data order depends on ``(seed, world_size, num_workers)``; r
 
 Handing a tensor from a worker process to the loop costs about a millisecond whatever its size (shared-memory
 file, descriptor passing, queue), which caps token shards at a few M tokens/s per batch. So a worker hands
-over a *bundle* of ``K`` batches at a time (``data.worker_batches``), together with its read-head state after
-each of them. Batch ``i`` comes from worker ``(i // K) % W``. A state taken in the middle of a bundle is the
-loader state from before the bundle with that worker's read head moved to the last batch served; the worker
-then makes the rest of its bundle first, so the order an uninterrupted run sees is kept exactly.
+over a *bundle* of batches at a time, together with its read-head state after each of them. Bundles grow
+1, 1, 2, 4 … up to ``K`` (``data.worker_batches``) and stay there — they end where the worker's own batch count
+reaches :func:`bundle_end` — so the first batch does not wait for ``K`` of them; the workers take turns bundle
+by bundle. A state taken in the middle of a bundle is the loader state from before the bundle with that
+worker's read head moved to the last batch served; the worker then makes the rest of its bundle first, so the
+order an uninterrupted run sees is kept exactly.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if TYPE_CHECKING:
 
 STATE_VERSION = 1
 _ITERATOR_MARK = "dlm_batch_iterator"
-BUNDLE_TOKENS = 1 << 17
+BUNDLE_TOKENS = 1 << 18
 MAX_BUNDLE = 64
 
 
@@ -57,6 +59,14 @@ def bundle_size(worker_batches: int | None, num_workers: int, tokens_per_batch: 
     if worker_batches is not None:
         return worker_batches
     return max(1, min(MAX_BUNDLE, math.ceil(BUNDLE_TOKENS / tokens_per_batch)))
+
+
+def bundle_end(count: int, size: int) -> int:
+    """Where the bundle of a worker that has made ``count`` batches ends: the next power of two while below
+    ``size`` (a slow start: 1, 2, 4 …), then the next multiple of ``size``."""
+    if count < size:
+        return min(1 << count.bit_length(), size)
+    return (count // size + 1) * size
 
 
 @dataclass
@@ -118,8 +128,8 @@ class BatchIterator:
 
 
 class BundleIterator:
-    """A worker's hand-offs: its next batches up to the next multiple of ``size`` of its own batch count,
-    stacked per key, with the read-head state after each batch (what a mid-bundle ``state_dict`` needs)."""
+    """A worker's hand-offs: its next batches up to :func:`bundle_end` of its own batch count, stacked per key,
+    with the read-head state after each batch (what a mid-bundle ``state_dict`` needs)."""
 
     def __init__(self, inner: BatchIterator, size: int) -> None:
         self.inner, self.size = inner, size
@@ -129,7 +139,7 @@ class BundleIterator:
 
     def __next__(self) -> dict[str, Any]:
         batches, states = [], []
-        for _ in range(self.size - self.inner.batches % self.size):
+        for _ in range(bundle_end(self.inner.batches, self.size) - self.inner.batches):
             batches.append(next(self.inner))
             states.append(self.inner.state_dict())
         return {"batches": {k: torch.stack([b[k] for b in batches]) for k in batches[0]}, "states": states}
@@ -154,8 +164,10 @@ class BatchDataset(IterableDataset):
         consumer = self.spec.rank * workers + worker
         return BatchIterator(self.spec, consumer, self.spec.world_size * workers, self.rows, self.seq_len)
 
-    def __iter__(self) -> BundleIterator:
-        return BundleIterator(self.batch_iterator(), self.bundle)
+    def __iter__(self) -> BatchIterator | BundleIterator:
+        # One batch per hand-off is never left half-served: the loader's own state is the read head after it.
+        inner = self.batch_iterator()
+        return inner if self.bundle == 1 else BundleIterator(inner, self.bundle)
 
 
 def _one_line(exc: UserError) -> str:
@@ -200,7 +212,7 @@ class TrainStream:
         self._pending: dict[str, Any] | None = None
         # What is left of the current bundle, each batch with its worker's read head after it; the loader state
         # from before the bundle and the read head after the last batch served (for mid-bundle states).
-        self._queue: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+        self._queue: list[tuple[dict[str, torch.Tensor], dict[str, Any] | None]] = []
         self._before: dict[str, Any] | None = None
         self._served: dict[str, Any] | None = None
 
@@ -234,12 +246,16 @@ class TrainStream:
             before, self._pending = self._pending, None
         else:
             before = None
-        self._before = before if before is not None else self._loader.state_dict()
+        if self.bundle > 1:
+            self._before = before if before is not None else self._loader.state_dict()
         try:
             item = next(self._iter)
         except UserError as exc:
             self.close()
             raise type(exc)(_one_line(exc)) from None
+        if self.bundle == 1:
+            self._queue = [(item, None)]
+            return
         stacked, states = item["batches"], item["states"]
         self._queue = [({k: v[i] for k, v in stacked.items()}, state) for i, state in enumerate(states)]
 
