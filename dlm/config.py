@@ -200,6 +200,12 @@ class ObjectiveSection(Section):
         description="LM-head positions scored per row; more masked ones are subsampled uniformly and reweighted "
         "(an unbiased estimate of the same loss at less head cost); null scores every masked position",
     )
+    canvas_share: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="share of the diffusion rows (rows or sft format) trained on a canvas of the size generation "
+        "gives them: the answer's power-of-two budget (x1, x2 or x4, room permitting) instead of the whole row; "
+        "the positions past it are hidden from attention and the loss",
+    )
     shift: bool = Field(False, description="position i predicts token i+1 (AR adaptation, DiffuGPT/DiffuLLaMA)")
     attention_annealing_steps: int = Field(
         0, ge=0, description="steps over which attention goes from causal to bidirectional (DiffuLLaMA); 0 = off"
@@ -518,6 +524,9 @@ def _check_objective(cfg: RunConfig) -> None:
                 "objective.length_loss_weight", objective.length_loss_weight,
                 "needs rows with answer lengths: data.format rows ([text, EOS, pad ...]) or sft",
             )
+    if objective.canvas_share > 0 and data.format == "pretrain-packed":
+        raise _CrossFieldError("objective.canvas_share", objective.canvas_share,
+                               "needs rows with answer lengths: data.format rows or sft")
     if curriculum.pad_annealing_steps and data.format == "pretrain-packed":
         raise _CrossFieldError("curriculum.pad_annealing_steps", curriculum.pad_annealing_steps,
                                "applies to padded rows only: data.format rows or sft")

@@ -55,6 +55,7 @@ def test_pad_share_rises_linearly_to_one() -> None:
         (["curriculum.kind=stages", "curriculum.stages=[[5,64]]"], "curriculum.stages"),
         (["curriculum.kind=stages", "curriculum.stages=[[1,100]]"], "curriculum.stages"),
         (["curriculum.pad_annealing_steps=10"], "curriculum.pad_annealing_steps"),
+        (["objective.canvas_share=0.5"], "objective.canvas_share"),
         (["objective.kind=sft"], "objective.kind"),
         (["data.format=sft"], "objective.kind"),
         (["data.format=rows", "objective.length_loss_weight=1"], "objective.length_loss_weight"),

@@ -209,3 +209,52 @@ def test_scored_subsample_is_an_unbiased_estimate_of_the_full_loss() -> None:
     mean = torch.stack(estimates).mean()
     assert abs(float(mean - want)) < 0.02 * float(want)
     assert not torch.allclose(estimates[0], estimates[1])
+
+
+def test_generation_sized_canvases_hide_the_rest_of_the_row() -> None:
+    """``canvas_share``: a row's canvas is its answer's power-of-two budget (x1, x2 or x4) when that is shorter
+    than the row; past it nothing is masked, scored or attended to, and the row's loss is normalised by its
+    canvas. The length head's rows keep the full canvas their prediction pass has."""
+    batch = _sft_batch(b=64, length=96, seed=3)
+    objective = ObjectiveSection(kind="sft", canvas_share=1.0, length_loss_weight=1.0, length_rows=0.25)
+    noised = noise_batch(batch, objective, MASK, mask_generator(0, 1), train_length_head=True)
+    prompt, lengths = batch["prompt_mask"], batch["answer_length"]
+    start = prompt.sum(1)
+    outside = noised.doc_ids == 1
+    assert noised.length is not None and not outside[noised.length.rows].any()
+    ends = torch.where(outside.any(1), outside.int().argmax(1), torch.full_like(start, 96))
+    assert torch.equal(outside, torch.arange(96)[None, :] >= ends[:, None]), "the outside is the row's tail"
+    cut = outside.any(1)
+    assert cut.sum() > 20, "most rows have room for a budget-sized canvas"
+    canvas = (ends - start)[cut]
+    tight = torch.exp2(torch.ceil(torch.log2((lengths[cut] + 1).float()))).long()
+    assert torch.all(canvas >= lengths[cut] + 1), "the answer and its EOS always fit"
+    assert set((canvas // tight).tolist()) == {1, 2, 4}
+    assert not (noised.masked & outside).any()
+    assert torch.equal(noised.doc_ids[~outside], torch.zeros_like(noised.doc_ids[~outside]))
+    # normalised by the canvas: a canvas row's weights are 1 / (p_mask * its canvas answer region)
+    rows = (~noised.length.rows & cut).nonzero()[:, 0]
+    region = (ends - start)[rows].float()
+    torch.testing.assert_close(noised.weights[rows], 1.0 / (noised.p_mask[rows] * region))
+
+    plain = noise_batch(batch, ObjectiveSection(kind="sft"), MASK, mask_generator(0, 1))
+    assert torch.equal(plain.doc_ids, batch["doc_ids"]), "share 0 changes nothing"
+
+
+def test_a_hidden_tail_does_not_change_the_canvas_loss() -> None:
+    """The loss of a row whose tail is outside its canvas equals the loss of the row cut at the canvas."""
+    model = _model(head=False)
+    batch = _sft_batch(b=1, length=48, seed=5)
+    objective = ObjectiveSection(kind="sft", canvas_share=1.0)
+    for seed in range(20):
+        noised = noise_batch(batch, objective, MASK, mask_generator(seed, 1))
+        if (noised.doc_ids == 1).any():
+            break
+    end = int((noised.doc_ids[0] == 1).int().argmax())
+    with torch.no_grad():
+        full = diffusion_loss(model, noised).loss_sum
+        cut = noise_batch(batch, ObjectiveSection(kind="sft"), MASK, mask_generator(0, 1))
+        for name in ("input_ids", "noisy_ids", "masked", "doc_ids"):
+            setattr(cut, name, getattr(noised, name)[:, :end].clone())
+        cut.weights, cut.p_mask, cut.t = noised.weights, noised.p_mask, noised.t
+        torch.testing.assert_close(diffusion_loss(model, cut).loss_sum, full)

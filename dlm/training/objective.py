@@ -186,6 +186,31 @@ def subsample_scored(noised: NoisedBatch, max_per_row: int, generator: torch.Gen
     noised.score_scale = counts / noised.scored.sum(dim=1).float().clamp(min=1.0)
 
 
+def generation_canvas(prompt_mask: Tensor | None, answer_length: Tensor, seq_len: int, share: float,
+                      generator: torch.Generator, *, exclude: Tensor | None = None) -> Tensor:
+    """Positions outside the canvas generation would give each row: ``[B, L]`` bool, True past the canvas.
+
+    Training rows are padded to the full ``seq_len``, but generation gives an answer a canvas of a power of
+    two at or above its length plus its EOS, doubled when it fills without one. A model that only ever saw
+    full rows learns where the row ends, and on a tight canvas it misplaces the EOS. So a share ``share`` of
+    the rows (never those in ``exclude``, e.g. the length head's rows, which are read over the full canvas)
+    gets a canvas of ``next_pow2(answer_length + 1)`` times 1, 2 or 4 (uniformly), when that is shorter than
+    the room the row has; its later positions become a separate document and are never masked or scored.
+    """
+    b = answer_length.shape[0]
+    device = answer_length.device
+    start = prompt_mask.sum(dim=1) if prompt_mask is not None else torch.zeros_like(answer_length)
+    need = (answer_length + 1).clamp(min=1).float()
+    tight = torch.exp2(torch.ceil(torch.log2(need))).long()
+    factor = torch.exp2(torch.randint(0, 3, (b,), generator=generator).float()).long().to(device)
+    chosen = (torch.rand(b, generator=generator) < share).to(device)
+    if exclude is not None:
+        chosen &= ~exclude.to(device)
+    end = start + tight * factor
+    end = torch.where(chosen & (end < seq_len), end, torch.full_like(end, seq_len))
+    return torch.arange(seq_len, device=device)[None, :] >= end[:, None]
+
+
 def noise_batch(
     batch: dict[str, Tensor],
     objective: ObjectiveSection,
@@ -238,8 +263,19 @@ def noise_batch(
     if answer_length is not None and pad_share < 1.0:
         answer_start = prompt_mask.sum(dim=1) if prompt_mask is not None else torch.zeros_like(answer_length)
         pad_region = positions > (answer_start + answer_length)[:, None]  # the first EOS itself is a target
+    doc_ids = batch.get("doc_ids")
+    if objective.canvas_share > 0.0:
+        if answer_length is None:
+            raise ValueError("objective.canvas_share needs rows with answer lengths: data.format rows or sft")
+        outside = generation_canvas(prompt_mask, answer_length, seq_len, objective.canvas_share, generator,
+                                    exclude=full_rows)
+        doc_ids = outside.long() if doc_ids is None else doc_ids + outside.long()
+        if prompt_mask is not None:
+            prompt_mask = prompt_mask | outside  # never masked, and out of the row's answer-length normaliser
+        else:
+            keep = outside if keep is None else keep | outside
     noised = forward_process(
-        input_ids, mask_id, generator, eps=objective.eps, prompt_mask=prompt_mask, doc_ids=batch.get("doc_ids"),
+        input_ids, mask_id, generator, eps=objective.eps, prompt_mask=prompt_mask, doc_ids=doc_ids,
         random_length_prob=objective.random_length_prob, stratified=objective.t_sampling == "stratified",
         keep=keep, full_rows=full_rows, pad_region=pad_region, pad_share=pad_share,
     )
