@@ -20,10 +20,10 @@ order an uninterrupted run sees is kept exactly.
 
 from __future__ import annotations
 
-import os
-import warnings
 import copy
 import math
+import os
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any

@@ -186,7 +186,7 @@ def subsample_scored(noised: NoisedBatch, max_per_row: int, generator: torch.Gen
     noised.score_scale = counts / noised.scored.sum(dim=1).float().clamp(min=1.0)
 
 
-def generation_canvas(prompt_mask: Tensor | None, answer_length: Tensor, seq_len: int, share: float,
+def generation_canvas(answer_start: Tensor, answer_length: Tensor, seq_len: int, share: float,
                       generator: torch.Generator, *, exclude: Tensor | None = None) -> Tensor:
     """Positions outside the canvas generation would give each row: ``[B, L]`` bool, True past the canvas.
 
@@ -199,14 +199,13 @@ def generation_canvas(prompt_mask: Tensor | None, answer_length: Tensor, seq_len
     """
     b = answer_length.shape[0]
     device = answer_length.device
-    start = prompt_mask.sum(dim=1) if prompt_mask is not None else torch.zeros_like(answer_length)
     need = (answer_length + 1).clamp(min=1).float()
     tight = torch.exp2(torch.ceil(torch.log2(need))).long()
     factor = torch.exp2(torch.randint(0, 3, (b,), generator=generator).float()).long().to(device)
     chosen = (torch.rand(b, generator=generator) < share).to(device)
     if exclude is not None:
         chosen &= ~exclude.to(device)
-    end = start + tight * factor
+    end = answer_start + tight * factor
     end = torch.where(chosen & (end < seq_len), end, torch.full_like(end, seq_len))
     return torch.arange(seq_len, device=device)[None, :] >= end[:, None]
 
@@ -260,14 +259,16 @@ def noise_batch(
             target_length = answer_length - start
         length = LengthTargets(full_rows, start, target_length, context, objective.length_loss_weight)
     pad_region: Tensor | None = None
-    if answer_length is not None and pad_share < 1.0:
+    answer_start: Tensor | None = None
+    if answer_length is not None:
         answer_start = prompt_mask.sum(dim=1) if prompt_mask is not None else torch.zeros_like(answer_length)
+    if answer_start is not None and pad_share < 1.0:
         pad_region = positions > (answer_start + answer_length)[:, None]  # the first EOS itself is a target
     doc_ids = batch.get("doc_ids")
     if objective.canvas_share > 0.0:
-        if answer_length is None:
+        if answer_start is None:
             raise ValueError("objective.canvas_share needs rows with answer lengths: data.format rows or sft")
-        outside = generation_canvas(prompt_mask, answer_length, seq_len, objective.canvas_share, generator,
+        outside = generation_canvas(answer_start, answer_length, seq_len, objective.canvas_share, generator,
                                     exclude=full_rows)
         doc_ids = outside.long() if doc_ids is None else doc_ids + outside.long()
         if prompt_mask is not None:
