@@ -48,6 +48,12 @@ class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
         "LLaDA / LLaMA / GPT-2 directory; the architecture must match the configured one",
     )
     init_from_format: InitFormat = Field("auto", description="auto (detect) | dlm | llada | llama | gpt2")
+    output_bias_init: Literal["zeros", "unigram"] = Field(
+        "zeros",
+        description="zeros | unigram: start the output bias (model.output_bias) at the train tokens' log "
+        "frequencies, so a fresh model starts at the unigram loss and learns context from its first step; "
+        "weights from model.init_from (or a resumed checkpoint) replace it",
+    )
 
     @model_validator(mode="after")
     def _known_preset(self) -> ModelSection:
@@ -61,6 +67,11 @@ class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
             key = f"model.{field}" if field else "model"
             value = self.overrides().get(field, first.get("input")) if field else self.overrides()
             raise _CrossFieldError(key, value, first["msg"].removeprefix("Value error, ")) from None
+        if self.output_bias_init == "unigram":
+            if arch.output_bias is False and (arch.tie_embeddings or not arch.bias):
+                raise _CrossFieldError(
+                    "model.output_bias_init", "unigram", "the model has no output bias: set model.output_bias=true"
+                )
         if self.init_from is not None:
             self._check_init_from(arch, require=False)
         return self
@@ -96,7 +107,7 @@ class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
 
     def overrides(self) -> dict[str, Any]:
         """The architecture fields the user set explicitly (everything else comes from the preset)."""
-        exclude = {"preset", "init_from", "init_from_format"}
+        exclude = {"preset", "init_from", "init_from_format", "output_bias_init"}
         return {k: v for k, v in self.model_dump(exclude=exclude).items() if v is not None}
 
     def resolve(self) -> TransformerConfig:

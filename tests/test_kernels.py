@@ -21,6 +21,7 @@ from dlm.kernels import (
     attention,
     check_backend,
     masked_lm_loss,
+    masked_lm_loss_rows,
     resolve_backend,
 )
 from dlm.kernels import flash as flash_module
@@ -355,6 +356,16 @@ def test_masked_lm_loss_matches_naive(chunk_size: int, with_bias: bool) -> None:
         torch.testing.assert_close(g_fused, g_naive, atol=1e-5, rtol=1e-5)
 
 
+def test_masked_lm_loss_rows_gives_each_rows_unweighted_cross_entropy() -> None:
+    hidden, weight, bias, targets, tw = _loss_inputs(10)
+    loss, rows = masked_lm_loss_rows(hidden, weight, targets, tw, bias=bias, chunk_size=3)
+    logits = (hidden @ weight.T + bias).float()
+    torch.testing.assert_close(rows, F.cross_entropy(logits, targets, reduction="none").detach())
+    assert not rows.requires_grad
+    torch.testing.assert_close(loss, (rows * tw).sum())
+    torch.testing.assert_close(loss, masked_lm_loss(hidden, weight, targets, tw, bias=bias, chunk_size=3))
+
+
 def test_masked_lm_loss_default_weights_are_ones_and_grad_output_scales() -> None:
     hidden, weight, _, targets, _ = _loss_inputs(7)
     fused = masked_lm_loss(hidden, weight, targets, chunk_size=3)
@@ -608,12 +619,15 @@ def test_liger_glue_weights_rows_and_accumulates_in_fp32(monkeypatch: pytest.Mon
     monkeypatch.setattr(liger_module, "_function", lambda: _reference_liger(calls))
     hidden, weight, bias, targets, tw = _loss_inputs(10)
     token_weights = tw if weighted else None
-    loss = liger_module.liger_masked_lm_loss(hidden, weight, targets, token_weights, bias)
+    loss, rows = liger_module.liger_masked_lm_loss(hidden, weight, targets, token_weights, bias)
     naive = _naive(hidden, weight, targets, token_weights, bias)
     torch.testing.assert_close(loss, naive)
     for g, g_ref in zip(_grads(loss, (hidden, weight, bias)), _grads(naive, (hidden, weight, bias))):
         torch.testing.assert_close(g, g_ref)
-    assert calls == [{"reduction": "none" if weighted else "sum", "accum_dtype": torch.float32}]
+    logits = (hidden @ weight.T + bias).float()
+    torch.testing.assert_close(rows, F.cross_entropy(logits, targets, reduction="none").detach())
+    assert not rows.requires_grad
+    assert calls == [{"reduction": "none", "accum_dtype": torch.float32}]
 
 
 def test_liger_releases_with_wrong_per_token_gradients_are_not_used(monkeypatch: pytest.MonkeyPatch) -> None:

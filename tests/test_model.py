@@ -64,6 +64,8 @@ def test_preset_sizes() -> None:
         {"tie_embeddings": True},
         {"norm": "layer", "bias": True, "mlp": "gelu"},
         {"positions": "learned", "n_kv_heads": 2},
+        {"tie_embeddings": True, "output_bias": True},
+        {"output_bias": True},
     ],
 )
 def test_accounting_equals_module_for_switches(overrides: dict[str, object]) -> None:
@@ -304,3 +306,19 @@ def test_config_is_frozen_and_resolves_heads() -> None:
     assert (cfg.head_dim, cfg.kv_heads, _small().kv_heads) == (3, 2, 4)
     with pytest.raises(ValidationError):
         cfg.d_model = 64  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_output_bias_is_the_heads_bias_tied_or_not(tie: bool) -> None:
+    cfg = _small(output_bias=True, tie_embeddings=tie)
+    model = _model(cfg)
+    assert model.lm_head_bias is model.output_bias and torch.equal(model.output_bias, torch.zeros(cfg.vocab_size))
+    with torch.no_grad():
+        model.output_bias.normal_()
+    hidden = model(torch.randint(0, cfg.vocab_size, (2, 5)))
+    torch.testing.assert_close(model.logits(hidden), hidden @ model.lm_head_weight.T + model.output_bias)
+
+
+def test_output_bias_on_a_head_that_has_one_is_refused() -> None:
+    with pytest.raises(ValidationError, match="already has one"):
+        _small(output_bias=True, tie_embeddings=False, bias=True)

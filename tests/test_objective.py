@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from dlm.modeling import DiffusionTransformer, preset
-from dlm.training.objective import T_BUCKETS, diffusion_loss, forward_process, mask_generator
+from dlm.training.objective import T_BUCKETS, diffusion_loss, forward_process, mask_generator, t_bucket
 
 MASK_ID = 63
 
 
-def _model(seed: int = 0) -> DiffusionTransformer:
+def _model(seed: int = 0, **overrides: object) -> DiffusionTransformer:
     torch.manual_seed(seed)
-    return DiffusionTransformer(preset("tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64))
+    return DiffusionTransformer(
+        preset("tiny", vocab_size=64, d_model=32, n_layers=2, n_heads=4, mlp_hidden=64, **overrides)
+    )
 
 
 def test_mask_rate_matches_p_mask() -> None:
@@ -54,25 +57,34 @@ def test_sft_never_masks_the_prompt_and_masks_the_answer_at_rate() -> None:
     assert noised.normalizer == 32.0
 
 
-def test_pretrain_loss_equals_full_logits_reference() -> None:
-    model = _model()
-    x = torch.randint(0, 60, (3, 40))
+@pytest.mark.parametrize("output_bias", [False, True])
+def test_pretrain_loss_equals_full_logits_reference(output_bias: bool) -> None:
+    model = _model(output_bias=output_bias)
+    if output_bias:
+        with torch.no_grad():
+            model.output_bias.normal_()  # type: ignore[union-attr]
+    x = torch.randint(0, 60, (6, 40))
     noised = forward_process(x, MASK_ID, mask_generator(1, 2), eps=1e-3)
     parts = diffusion_loss(model, noised, chunk_size=7)
     ours = parts.loss_sum / noised.normalizer
-    (grad_ours,) = torch.autograd.grad(ours, model.embed.weight)
+    params = [model.embed.weight] + ([model.output_bias] if output_bias else [])
+    grads_ours = torch.autograd.grad(ours, params)  # one backward: the fused loss allows no second one
 
     # LLaDA's reference: full logits, CE at masked positions divided by p_mask, summed, / (B * L).
     logits = model.logits(model(noised.noisy_ids))
     p_mask = noised.p_mask[:, None].expand_as(x)
     token_loss = F.cross_entropy(logits[noised.masked], x[noised.masked], reduction="none") / p_mask[noised.masked]
     ref = token_loss.sum() / (x.shape[0] * x.shape[1])
-    (grad_ref,) = torch.autograd.grad(ref, model.embed.weight)
+    grads_ref = torch.autograd.grad(ref, params)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
-    torch.testing.assert_close(parts.bucket_sums.sum(), parts.loss_sum.detach(), rtol=1e-5, atol=1e-6)
+    for grad_ours, grad_ref in zip(grads_ours, grads_ref, strict=True):
+        torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-4, atol=1e-7)
+    # The loss by noise level: each row's weighted CE lands in the bucket of its t.
+    row_loss = torch.zeros(x.shape[0]).index_add_(0, noised.masked.nonzero()[:, 0], token_loss.detach())
+    by_bucket = torch.zeros(len(T_BUCKETS)).index_add_(0, t_bucket(noised.t), row_loss)
+    assert len(set(t_bucket(noised.t).tolist())) > 1, "the draw should spread rows over several buckets"
+    torch.testing.assert_close(parts.bucket_sums, by_bucket, rtol=1e-5, atol=1e-5)
     assert parts.bucket_counts.sum().item() == x.numel()
-    assert len(parts.bucket_sums) == len(T_BUCKETS)
 
 
 def test_sft_loss_equals_llada_reference() -> None:

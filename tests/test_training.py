@@ -64,7 +64,11 @@ def test_cpu_runs_repeat_exactly_and_depend_on_the_seed(tmp_path: Path) -> None:
 
 def test_loss_falls_while_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    overrides = tiny_overrides(run_dir, run__steps=40, logging__every=5, run__eval_every=0, optim__lr=5e-3)
+    # From a zero output bias: the first 40 steps learn the token frequencies, a large and reliable fall (a
+    # unigram-initialised head starts where that fall ends).
+    overrides = tiny_overrides(
+        run_dir, run__steps=40, logging__every=5, run__eval_every=0, optim__lr=5e-3, model__output_bias_init="zeros"
+    )
     assert main(["train", SMOKE, *overrides]) == 0
     train = [r["loss"] for r in _records(run_dir) if "loss" in r]
     assert train[-1] < train[0] - 1.5, train
@@ -117,3 +121,37 @@ def test_plain_engine_matches_torch_adamw_with_clipping() -> None:
         opt.zero_grad()
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+def test_unigram_output_bias_starts_a_fresh_model_at_the_unigram_loss(tmp_path: Path) -> None:
+    """`model.output_bias_init: unigram` (the smoke config): the head's bias holds the train tokens' log
+    frequencies, so the untrained model's held-out NELBO is the unigram baseline instead of ln V."""
+    from dlm.data_streams import build_pretrain_stream
+    from dlm.data_streams.tokenizer import load_tokenizer
+    from dlm.training.engine import build_training_model
+    from dlm.training.evaluate import evaluate_nelbo
+
+    cfg = load_config(SMOKE, tiny_overrides(tmp_path / "run", engine__precision="fp32"))
+    assert cfg.model.output_bias_init == "unigram"
+    tokenizer = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.mask_token)
+    data = build_pretrain_stream(cfg.data, tokenizer, seed=0, micro_batch_size=4)
+    log_probs = data.unigram_log_probs()
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unigram_log_probs"):
+        build_training_model(cfg, cpu)
+
+    def nelbo(model: torch.nn.Module) -> float:
+        return evaluate_nelbo(model, data.eval_batches(4), tokenizer.mask_id, eps=1e-3, samples=4, seed=0, device=cpu)
+
+    torch.manual_seed(0)
+    model = build_training_model(cfg, cpu, 1, log_probs)
+    bias = model.output_bias.detach()
+    assert len(log_probs) == tokenizer.vocab_size < bias.shape[0]  # the table is padded to a multiple of 64
+    torch.testing.assert_close(bias[: len(log_probs)], torch.from_numpy(log_probs).float())
+    assert torch.all(bias[len(log_probs) :] == float(log_probs.min()))
+    unigram = data.unigram_cross_entropy()
+    assert nelbo(model) == pytest.approx(unigram, abs=0.05)
+
+    torch.manual_seed(0)
+    zeros = build_training_model(load_config(SMOKE, [*tiny_overrides(tmp_path / "z"), "model.output_bias_init=zeros"]), cpu)
+    assert nelbo(zeros) > unigram + 2.0  # near ln V: a uniform guess over the vocabulary

@@ -51,10 +51,14 @@ class EvalSet:
         Scored tokens are all tokens, or the non-prompt ones for SFT; ``rows`` limits them to the first rows,
         the ones an evaluation of that many rows scores, so the two figures compare the same tokens.
         """
-        counts = self.unigram_counts.astype(np.float64)
-        log_probs = np.log((counts + 1.0) / (counts.sum() + counts.size))
         kept = self.rows if rows is None else {k: v[:rows] for k, v in self.rows.items()}
-        return float(-log_probs[_scored(kept)].mean())
+        return float(-self.unigram_log_probs()[_scored(kept)].mean())
+
+    def unigram_log_probs(self) -> np.ndarray:
+        """Add-one smoothed log frequencies ``[V]`` of the scored train tokens: the unigram model itself, and
+        the starting point of an LM head's ``output_bias`` (``model.output_bias_init: unigram``)."""
+        counts = self.unigram_counts.astype(np.float64)
+        return np.log((counts + 1.0) / (counts.sum() + counts.size))
 
 
 def _scored(rows: dict[str, np.ndarray]) -> np.ndarray:

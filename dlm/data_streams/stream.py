@@ -360,6 +360,9 @@ class TrainStream:
     def unigram_cross_entropy(self, rows: int | None = None) -> float:
         return self.eval_set.unigram_cross_entropy(rows)
 
+    def unigram_log_probs(self) -> np.ndarray:
+        return self.eval_set.unigram_log_probs()
+
 
 # -- building from the config -----------------------------------------------------------------------------------
 

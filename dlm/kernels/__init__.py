@@ -9,7 +9,7 @@ from dlm.kernels.attention import (
     compute_dtype,
     resolve_backend,
 )
-from dlm.kernels.loss import masked_lm_loss
+from dlm.kernels.loss import masked_lm_loss, masked_lm_loss_rows
 from dlm.kernels.masks import AttentionMask, anneal_ratio, annealed_mask, document_mask
 
 __all__ = [
@@ -24,5 +24,6 @@ __all__ = [
     "compute_dtype",
     "document_mask",
     "masked_lm_loss",
+    "masked_lm_loss_rows",
     "resolve_backend",
 ]

@@ -58,16 +58,18 @@ def liger_unsupported(hidden: Tensor, token_weights: Tensor | None) -> str | Non
 
 def liger_masked_lm_loss(
     hidden: Tensor, weight: Tensor, targets: Tensor, token_weights: Tensor | None, bias: Tensor | None
-) -> Tensor:
-    """``sum_i token_weights[i] * CE(hidden[i] @ weight.T + bias, targets[i])`` through Liger, as fp32 scalar.
+) -> tuple[Tensor, Tensor]:
+    """``sum_i token_weights[i] * CE(hidden[i] @ weight.T + bias, targets[i])`` through Liger, as fp32 scalar,
+    and each row's unweighted CE ``[N]`` (fp32, detached).
 
+    Always ``reduction="none"``: the per-row losses are needed for the loss by group. Unweighted, the upstream
+    gradient of every row is 1, so releases with the per-token bug above compute it correctly too.
     Gradient accumulation runs in fp32 where the release allows it (``accum_dtype``), as in the chunked kernel.
     """
     fn = _function()
     extra: dict[str, Any] = {}
     if "accum_dtype" in inspect.signature(fn).parameters:
         extra["accum_dtype"] = torch.float32
-    if token_weights is None:
-        return fn(hidden, weight, targets, bias=bias, reduction="sum", **extra).float()
-    per_row = fn(hidden, weight, targets, bias=bias, reduction="none", **extra)
-    return (per_row.float() * token_weights.float()).sum()
+    per_row = fn(hidden, weight, targets, bias=bias, reduction="none", **extra).float()
+    loss = per_row.sum() if token_weights is None else (per_row * token_weights.float()).sum()
+    return loss, per_row.detach()

@@ -35,6 +35,26 @@ def _autocast_off(device_type: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
+_CPU_SCRATCH: dict[torch.dtype, Tensor] = {}
+
+
+def _logits_scratch(numel: int, device: torch.device) -> Tensor:
+    """A flat fp32 buffer of at least ``numel`` elements for one chunk of (transposed) logits.
+
+    On CPU a fresh ``[V, chunk]`` allocation is served by new pages whose first-touch faults cost as much as
+    the matmul that fills them, and the training step calls this kernel several times (once per noise
+    bucket), so the CPU buffer lives across calls. On CUDA the caching allocator already reuses memory and a
+    permanent buffer would only pin it.
+    """
+    if device.type != "cpu":
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    buffer = _CPU_SCRATCH.get(torch.float32)
+    if buffer is None or buffer.numel() < numel:
+        buffer = torch.empty(numel, dtype=torch.float32)
+        _CPU_SCRATCH[torch.float32] = buffer
+    return buffer
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -54,62 +74,63 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Under autocast the matmuls run in the autocast dtype, as nn.Linear would; otherwise in the inputs'.
         device = hidden.device
         compute_dtype = _autocast_dtype(device.type) or torch.promote_types(hidden.dtype, weight.dtype)
-        # In fp32 every product lands straight in a preallocated buffer (mm out=, addmm_): on CPU a fresh
-        # [chunk, V] or [V, d] allocation is served by new pages whose first-touch faults cost as much as
-        # the arithmetic on them, so buffers are reused for the whole call instead of allocated per chunk.
+        # Logits are laid out transposed, [V, chunk]: the product W @ h.T with a few hundred rows runs about
+        # twice as fast on CPU BLAS as h @ W.T, and the reductions over the vocabulary become column sums.
+        # In fp32 every product lands straight in a preallocated buffer (mm out=, addmm_).
         fp32 = compute_dtype == torch.float32
         with _autocast_off(device.type):
             w = weight.to(compute_dtype)
-            bias32 = bias.float() if bias is not None else None
+            bias32 = bias.float()[:, None] if bias is not None else None
             # fp32 accumulators: summing many bf16 chunk contributions would lose the small ones. For a bf16
             # head this costs one fp32 [V, d] buffer during the forward pass; the saved gradient is cast back.
             loss = torch.zeros((), dtype=torch.float32, device=device)
             grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_h else None
             grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             grad_bias = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-            row_losses = torch.empty(n_rows, dtype=torch.float32, device=device) if need_tw else None
-            logits_buffer = torch.empty(min(chunk_size, n_rows), vocab, dtype=torch.float32, device=device)
+            row_losses = torch.empty(n_rows, dtype=torch.float32, device=device)
+            scratch = _logits_scratch(vocab * min(chunk_size, n_rows), device)
 
             for start in range(0, n_rows, chunk_size):
                 end = min(start + chunk_size, n_rows)
+                rows = end - start
                 h = hidden[start:end].to(compute_dtype)
                 tgt = targets[start:end]
                 tw = token_weights[start:end].float()
-                logits = logits_buffer[: end - start]
+                logits = scratch[: vocab * rows].view(vocab, rows)
                 if fp32:
-                    torch.mm(h, w.T, out=logits)
+                    torch.mm(w, h.T, out=logits)
                 else:
-                    logits.copy_(h @ w.T)
+                    logits.copy_(w @ h.T)
                 if bias32 is not None:
                     logits += bias32
+                cols = torch.arange(rows, device=device)
                 # ce = logsumexp - target logit, with the exponentials left in the buffer for the gradient.
-                target_logit = logits.gather(1, tgt[:, None]).squeeze(1)
-                row_max = logits.amax(dim=1, keepdim=True)
-                probs = logits.sub_(row_max).exp_()
-                total = probs.sum(dim=1, keepdim=True)
-                ce = (row_max + total.log()).squeeze(1) - target_logit
+                target_logit = logits[tgt, cols]
+                col_max = logits.amax(dim=0)
+                probs = logits.sub_(col_max).exp_()
+                total = probs.sum(dim=0)
+                ce = col_max + total.log() - target_logit
                 loss += (ce * tw).sum()
-                if row_losses is not None:
-                    row_losses[start:end] = ce
+                row_losses[start:end] = ce
                 if not need_grads:
                     continue
                 # d(ce)/d(logits) = softmax - one_hot, weighted per row, built in place over the buffer.
-                grad_logits = probs.mul_(tw[:, None] / total)
-                grad_logits[torch.arange(end - start, device=device), tgt] -= tw
+                grad_logits = probs.mul_(tw / total)
+                grad_logits[tgt, cols] -= tw
                 if grad_bias is not None:
-                    grad_bias += grad_logits.sum(dim=0)
+                    grad_bias += grad_logits.sum(dim=1)
                 g = grad_logits if fp32 else grad_logits.to(compute_dtype)
                 if grad_hidden is not None:
                     if fp32 and grad_hidden.dtype == torch.float32:
-                        torch.mm(g, w, out=grad_hidden[start:end])
+                        torch.mm(g.T, w, out=grad_hidden[start:end])
                     else:
-                        grad_hidden[start:end] = g @ w
+                        grad_hidden[start:end] = g.T @ w
                 if grad_weight is not None:
                     if fp32:
-                        grad_weight.addmm_(g.T, h)
+                        grad_weight.addmm_(g, h)
                     else:
-                        grad_weight += g.T @ h
-            del logits_buffer
+                        grad_weight += g @ h
+            del scratch
 
         ctx.save_for_backward(
             grad_hidden,
@@ -118,10 +139,12 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             row_losses,
         )
         ctx.token_weights_dtype = token_weights.dtype
-        return loss
+        ctx.need_tw = need_tw
+        ctx.mark_non_differentiable(row_losses)
+        return loss, row_losses
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: Tensor, _grad_rows: Tensor | None = None) -> tuple[Tensor | None, ...]:
         # Scaled in place: a [V, d] copy would double the memory the head's gradient needs. Autograd's
         # version check turns a second backward through the same graph (retain_graph) into an error, never
         # into doubly scaled gradients.
@@ -132,7 +155,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             grad_weight.mul_(scale.to(grad_weight.dtype)) if grad_weight is not None else None,
             grad_bias.mul_(scale.to(grad_bias.dtype)) if grad_bias is not None else None,
             None,
-            (row_losses * scale).to(ctx.token_weights_dtype) if row_losses is not None else None,
+            (row_losses * scale).to(ctx.token_weights_dtype) if ctx.need_tw else None,
             None,
         )
 
@@ -148,6 +171,26 @@ def masked_lm_loss(
     impl: LossImpl = "auto",
 ) -> Tensor:
     """Sum over rows of ``token_weights[i] * cross_entropy(hidden[i] @ weight.T + bias, targets[i])``.
+
+    See :func:`masked_lm_loss_rows` for the arguments; this is its first result.
+    """
+    return masked_lm_loss_rows(hidden, weight, targets, token_weights, bias, chunk_size, impl=impl)[0]
+
+
+def masked_lm_loss_rows(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    token_weights: Tensor | None = None,
+    bias: Tensor | None = None,
+    chunk_size: int = 4096,
+    *,
+    impl: LossImpl = "auto",
+) -> tuple[Tensor, Tensor]:
+    """The weighted sum of :func:`masked_lm_loss` and each row's unweighted cross-entropy ``[N]`` (fp32, no
+    gradient), both from one pass: a caller that reports the loss by group (the training loop's loss by noise
+    level) scores all its rows in one call instead of one call per group, each of which would build and add
+    up its own ``[V, d]`` weight gradient.
 
     ``hidden`` ``[N, d]`` holds only the masked positions (the caller gathered them); ``weight`` is the LM
     head ``[V, d]``; ``token_weights`` defaults to ones (LLaDA passes ``1 / p_mask``). Logits exist one

@@ -47,6 +47,8 @@ def param_count(cfg: TransformerConfig) -> int:
         total += cfg.max_seq_len * cfg.d_model
     if not cfg.tie_embeddings:
         total += cfg.vocab_size * cfg.d_model + (cfg.vocab_size if cfg.bias else 0)
+    if cfg.output_bias:
+        total += cfg.vocab_size
     return total
 
 

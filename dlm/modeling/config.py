@@ -34,6 +34,10 @@ class TransformerConfig(BaseModel):
     rope_theta: float = Field(default=10000.0, gt=0)
     bias: bool = False
     tie_embeddings: bool = False
+    # A learned bias on the LM head's logits, tied head or not (``lm_head_bias``). Initialised to the training
+    # data's log unigram frequencies (``model.output_bias_init: unigram``) it starts the model at the unigram
+    # loss, so training spends its steps on context instead of on token frequencies.
+    output_bias: bool = False
     init_std: float = Field(default=0.02, gt=0)
     # Attention kernel (dlm.kernels.attention): auto = flash-attn on CUDA when installed, else SDPA.
     attention: Literal["auto", "flash", "sdpa", "flex", "math"] = "auto"
@@ -44,6 +48,11 @@ class TransformerConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_head_layout(self) -> TransformerConfig:
+        if self.output_bias and not self.tie_embeddings and self.bias:
+            raise ValueError(
+                "output_bias adds a bias to the LM head, but this untied head already has one (bias=true); "
+                "set output_bias=false"
+            )
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "

@@ -95,6 +95,8 @@ def check_llada_compatible(cfg: TransformerConfig) -> None:
         problems.append(f"mlp={cfg.mlp} (LLaDA's llama block always gates its MLP: swiglu)")
     if cfg.norm != "rms":
         problems.append(f"norm={cfg.norm} (dlm exports LLaDA with layer_norm_type rms only)")
+    if cfg.output_bias:
+        problems.append("output_bias=true (LLaDA's LM head has no bias)")
     if problems:
         raise UnsupportedModelError(
             f"this model cannot be written in LLaDA's format: {'; '.join(problems)}; export it with --format dlm"

@@ -120,7 +120,7 @@ def _shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
 
 def _describe(cfg: TransformerConfig) -> str:
     keys = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "norm", "mlp", "positions",
-            "bias", "tie_embeddings")
+            "bias", "tie_embeddings", "output_bias")
     return ", ".join(f"{k}={getattr(cfg, k)}" for k in keys)
 
 

@@ -159,6 +159,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
+        self.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.output_bias else None
         self.length_head: LengthHead | None = None
         if cfg.compile:
             # Per block, not the whole model: one compiled graph serves every layer, compile time does not
@@ -196,6 +197,8 @@ class DiffusionTransformer(nn.Module):
                     nn.init.ones_(module.weight)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+        if self.output_bias is not None:
+            nn.init.zeros_(self.output_bias)
         if self.rope is not None:
             self.rope.reset()
         if self.length_head is not None:
@@ -259,7 +262,9 @@ class DiffusionTransformer(nn.Module):
 
     @property
     def lm_head_bias(self) -> Tensor | None:
-        """The output bias ``[V]``, present only for an untied head with ``bias=True``."""
+        """The output bias ``[V]``: ``output_bias`` when configured, else an untied head's bias (``bias=True``)."""
+        if self.output_bias is not None:
+            return self.output_bias
         return None if self.lm_head is None else self.lm_head.bias
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -269,9 +274,11 @@ class DiffusionTransformer(nn.Module):
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (tied weights once); ``non_embedding`` drops the token and position embeddings
-        and the untied LM head, matching :func:`dlm.modeling.accounting.non_embedding_param_count`."""
+        and the LM head (untied weight, output bias), matching :func:`dlm.modeling.accounting.non_embedding_param_count`."""
         excluded: set[int] = set()
         if non_embedding:
             tables = [self.embed, self.pos_embed, self.lm_head]
             excluded = {id(p) for module in tables if module is not None for p in module.parameters()}
+            if self.output_bias is not None:
+                excluded.add(id(self.output_bias))
         return sum(p.numel() for p in self.parameters() if id(p) not in excluded)

@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, ContextManager, Protocol
 
+import numpy as np
 import safetensors
 import torch
 import torch.distributed as dist
@@ -216,11 +217,15 @@ def checkpoint_blocks(model: nn.Module) -> None:
         block.forward = wrap(block.forward)
 
 
-def build_training_model(cfg: RunConfig, device: torch.device, world_size: int = 1) -> nn.Module:
+def build_training_model(
+    cfg: RunConfig, device: torch.device, world_size: int = 1, unigram_log_probs: np.ndarray | None = None
+) -> nn.Module:
     """The model the engine will own: built already partitioned under ZeRO-3 ``zero.Init`` when configured,
     otherwise as :func:`dlm.modeling.build_model` builds it; its weights replaced by ``model.init_from``'s
-    unless the run resumes from a checkpoint (whose weights win anyway); activation checkpointing applied
-    if asked. Every engine gets its model here, so ``init_from`` works the same for all of them."""
+    unless the run resumes from a checkpoint (whose weights win anyway); without ``init_from``, its
+    ``output_bias`` set to ``unigram_log_probs`` under ``model.output_bias_init: unigram`` (the loop passes the
+    train tokens' log frequencies); activation checkpointing applied if asked. Every engine gets its model here, so
+    ``init_from`` and the bias initialisation work the same for all of them."""
     from dlm.modeling import build_model
 
     arch = cfg.model.resolve()
@@ -238,6 +243,10 @@ def build_training_model(cfg: RunConfig, device: torch.device, world_size: int =
     if cfg.model.init_from is not None and not _resumes(cfg):
         cfg.model.check_init_from()  # a source that did not exist at validation time is checked now
         load_initial_weights(model, cfg, partitioned)
+    if cfg.model.output_bias_init == "unigram" and cfg.model.init_from is None:
+        if unigram_log_probs is None:
+            raise ValueError("model.output_bias_init = 'unigram' needs the train tokens' unigram_log_probs")
+        init_output_bias(model, unigram_log_probs, partitioned)
     if cfg.engine.activation_checkpointing:
         checkpoint_blocks(model)
     return model
@@ -280,6 +289,33 @@ def load_initial_weights(model: nn.Module, cfg: RunConfig, partitioned: bool) ->
                     param.copy_(reader.get(name).to(param.device))
     if main:
         print(f"initialised the model from {source.path} ({source.format})", flush=True)
+
+
+def init_output_bias(model: nn.Module, log_probs: np.ndarray, partitioned: bool = False) -> None:
+    """Set the LM head's output bias to ``log_probs`` ``[V]``: the logits then start as the unigram model.
+
+    A tied head's logits start near zero (a uniform guess over V tokens, ln V nats); a small model spends its
+    first hundreds of steps learning token frequencies into its embeddings before it learns anything about
+    context. With the bias holding the frequencies from step 0, the loss starts at the unigram entropy and
+    every step goes to context.
+    """
+    bias = model.lm_head_bias  # type: ignore[operator]
+    if bias is None:
+        raise ValueError("the model has no output bias to initialise; set model.output_bias=true")
+    if partitioned:
+        import deepspeed
+
+        whole: ContextManager[Any] = deepspeed.zero.GatheredParameters([bias], modifier_rank=0)
+    else:
+        whole = contextlib.nullcontext()
+    with whole, torch.no_grad():
+        if bias.dim() != 1 or bias.shape[0] < len(log_probs):
+            raise ValueError(f"output bias has shape {tuple(bias.shape)}, the unigram table {len(log_probs)} entries")
+        # Rows past the tokenizer's vocabulary (a table padded to a multiple of 64) are never targets: they
+        # get the probability of a token never seen in training.
+        table = torch.full(bias.shape, float(log_probs.min()), dtype=torch.float64)
+        table[: len(log_probs)] = torch.from_numpy(log_probs)
+        bias.copy_(table.to(bias.device, bias.dtype))
 
 
 def build_engine(cfg: RunConfig, model: nn.Module, device: torch.device) -> Engine:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from dlm.config import ObjectiveSection
-from dlm.kernels import annealed_mask, masked_lm_loss
+from dlm.kernels import annealed_mask, masked_lm_loss_rows
 from dlm.modeling.length_head import length_head_terms
 
 T_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
@@ -329,21 +329,14 @@ def diffusion_loss(model: nn.Module, noised: NoisedBatch, chunk_size: int = 4096
     buckets = t_bucket(noised.t)
     row_bucket = buckets[rows]
     per_row_norm = noised.normalizer / noised.input_ids.shape[0]
-    loss_sum = hidden.new_zeros((), dtype=torch.float32)
     n = len(T_BUCKETS)
-    bucket_sums = torch.zeros(n, device=hidden.device)
     bucket_counts = torch.bincount(buckets, minlength=n).to(hidden.device, torch.float32) * per_row_norm
-    for b in range(n):
-        sel = row_bucket == b
-        if not bool(sel.any()) and b > 0:
-            continue
-        r, c, src = rows[sel], cols[sel], source_cols[sel]
-        part = masked_lm_loss(
-            hidden[r, src], weight, noised.input_ids[r, c], token_weights[r].float(), bias=bias,
-            chunk_size=chunk_size,
-        )
-        loss_sum = loss_sum + part
-        bucket_sums[b] = part.detach()
+    row_weights = token_weights[rows].float()
+    loss_sum, row_ce = masked_lm_loss_rows(
+        hidden[rows, source_cols], weight, noised.input_ids[rows, cols], row_weights, bias=bias,
+        chunk_size=chunk_size,
+    )
+    bucket_sums = torch.zeros(n, device=hidden.device).index_add_(0, row_bucket, row_ce * row_weights.detach())
     parts = LossParts(loss_sum, bucket_sums, bucket_counts, int(rows.numel()))
     if noised.length is not None:
         parts.length_loss, parts.length_stats = _length_loss(model, hidden, noised.length)
