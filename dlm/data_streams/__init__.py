@@ -13,7 +13,8 @@ The training loop uses one function and one object:
       any worker count, shuffled or not). The state also pins seed, rank, world size and num_workers.
     - ``set_seq_len(n)``: from the next batch on, rows of ``n`` tokens and ``B * T / n`` rows per batch.
     - ``eval_batches(batch_size)``, ``unigram_cross_entropy()``, ``unigram_log_probs()``, ``num_eval_rows``: the
-      held-out rows, the unigram baseline and the train tokens' log frequencies; ``counters()``: documents used, blank ones skipped, too-long ones dropped or cut.
+      held-out rows, the unigram baseline and the train tokens' log frequencies; ``counters()``: documents
+      used, blank ones skipped, too-long ones dropped or cut.
     - ``close()``: stop worker processes.
 
 ``validate_data_source(data, tokenizer)`` checks a source cheaply before a run directory exists.

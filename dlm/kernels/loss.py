@@ -35,24 +35,21 @@ def _autocast_off(device_type: str) -> AbstractContextManager[object]:
     return nullcontext()
 
 
-_CPU_SCRATCH: dict[torch.dtype, Tensor] = {}
+_cpu_scratch: list[Tensor] = []  # at most one buffer, grown as needed
 
 
 def _logits_scratch(numel: int, device: torch.device) -> Tensor:
     """A flat fp32 buffer of at least ``numel`` elements for one chunk of (transposed) logits.
 
     On CPU a fresh ``[V, chunk]`` allocation is served by new pages whose first-touch faults cost as much as
-    the matmul that fills them, and the training step calls this kernel several times (once per noise
-    bucket), so the CPU buffer lives across calls. On CUDA the caching allocator already reuses memory and a
-    permanent buffer would only pin it.
+    the matmul that fills them, and every training step calls this kernel again, so the CPU buffer lives
+    across calls. On CUDA the caching allocator already reuses memory and a permanent buffer would only pin it.
     """
     if device.type != "cpu":
         return torch.empty(numel, dtype=torch.float32, device=device)
-    buffer = _CPU_SCRATCH.get(torch.float32)
-    if buffer is None or buffer.numel() < numel:
-        buffer = torch.empty(numel, dtype=torch.float32)
-        _CPU_SCRATCH[torch.float32] = buffer
-    return buffer
+    if not _cpu_scratch or _cpu_scratch[0].numel() < numel:
+        _cpu_scratch[:] = [torch.empty(numel, dtype=torch.float32)]
+    return _cpu_scratch[0]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):

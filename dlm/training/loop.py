@@ -82,7 +82,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
         cfg.data, tokenizer, seed=cfg.run.seed, micro_batch_size=cfg.run.micro_batch_size, rank=ctx.rank,
         world_size=ctx.world_size,
     )
-    unigram = data.unigram_log_probs() if cfg.model.output_bias_init == "unigram" and not cfg.model.init_from else None
+    unigram = data.unigram_log_probs() if cfg.model.output_bias_init == "unigram" else None
     engine = build_engine(cfg, build_training_model(cfg, device, ctx.world_size, unigram), device)
     info = model_info(arch, cfg.data.seq_len)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last)
