@@ -456,7 +456,18 @@ class RunSection(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_every: int = Field(0, ge=0, description="optimizer steps between evals; 0 evaluates at the end only")
     eval_batches: int = Field(8, gt=0)
-    eval_samples: int = Field(4, gt=0, description="noise levels t per held-out row for the NELBO estimate")
+    eval_samples: int = Field(4, gt=0, description="noise levels per held-out row for the NELBO estimate")
+    eval_estimator: Literal["count", "t"] = Field(
+        "count",
+        description="count: mask exactly l of n tokens, weight n/l (LLaDA's low-variance likelihood form); "
+        "t: mask at rate t, weight 1/t, as training does",
+    )
+    eval_max_scored_per_row: Optional[int] = Field(  # noqa: UP045 - pydantic needs a runtime type here
+        None,
+        gt=0,
+        description="score a uniform sample of at most this many masked positions per held-out row, reweighted "
+        "(same expectation, a fraction of the LM-head cost); null scores them all",
+    )
 
 
 class RunConfig(Section):

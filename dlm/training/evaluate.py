@@ -1,8 +1,15 @@
 """Held-out evaluation: the diffusion NELBO in nats per token.
 
 For every held-out row the loss is averaged over ``samples`` noise levels stratified over (0, 1) —
-``t_k = (k + u) / samples`` with one uniform ``u`` per row — which estimates the integral over t with far
-less variance than independent draws, so evals at different steps are comparable.
+``s_k = (k + u) / samples`` with one uniform ``u`` per row — which estimates the integral with far less
+variance than independent draws, so evals at different steps are comparable.
+
+Two estimators of the same bound (LLaDA, eqs. 3 and 6): ``t`` masks each token with ``p_mask(t)`` and weights
+the masked ones by ``1 / p_mask``, as training does; ``count`` masks exactly ``l = ceil(s * n)`` of a row's
+``n`` tokens and weights them by ``n / l``. Both have the same expectation, but under ``t`` a draw at
+``t ~ eps`` puts a weight near ``1 / eps`` on the one or two tokens it masks, so a 128-row estimate moves by a
+tenth of a nat with which model is confidently wrong on them; ``count`` weights a token by at most ``n``
+(one masked token is scored as itself), which is why LLaDA evaluates likelihoods with it.
 """
 
 from __future__ import annotations
@@ -14,7 +21,14 @@ from typing import Any, ContextManager
 import torch
 from torch import Tensor, nn
 
-from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss, forward_process, mask_generator
+from dlm.training.objective import (
+    LossParts,
+    NoisedBatch,
+    diffusion_loss,
+    forward_process,
+    mask_generator,
+    subsample_scored,
+)
 
 
 @torch.no_grad()
@@ -32,6 +46,8 @@ def evaluate_nelbo(
     loss_fn: Callable[[NoisedBatch, int], LossParts] | None = None,
     sft: bool = False,
     shift: bool = False,
+    estimator: str = "count",
+    max_scored_per_row: int | None = None,
 ) -> float:
     """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over the tokens that can be masked.
 
@@ -41,7 +57,12 @@ def evaluate_nelbo(
 
     ``loss_fn`` (default: :func:`diffusion_loss` on ``model``) lets an engine run the loss itself: ZeRO-3 can
     gather the partitioned LM head only inside its module's forward (``Engine.loss``).
+    ``estimator``: ``count`` (default) or ``t``, see the module docstring. ``max_scored_per_row`` scores a
+    uniform sample of at most that many masked positions per row, reweighted (:func:`subsample_scored`): the
+    same expectation for a fraction of the LM head's cost on heavily masked rows.
     """
+    if estimator not in ("count", "t"):
+        raise ValueError(f"estimator must be 'count' or 't', got {estimator!r}")
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -55,10 +76,14 @@ def evaluate_nelbo(
             keep[:, 0] = True
         u = torch.rand(input_ids.shape[0], generator=gen)
         for k in range(samples):
+            level = (k + u) / samples
             noised = forward_process(
-                input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, t=(k + u) / samples, keep=keep
+                input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, keep=keep,
+                t=level if estimator == "t" else None, mask_fraction=level if estimator == "count" else None,
             )
             noised.shift = shift
+            if max_scored_per_row is not None:
+                subsample_scored(noised, max_scored_per_row, gen)
             with autocast():
                 parts = loss_fn(noised, chunk_size) if loss_fn else diffusion_loss(model, noised, chunk_size)
             total += float(parts.loss_sum)

@@ -110,6 +110,8 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
             tokenizer.mask_id,
             eps=cfg.objective.eps,
             samples=cfg.run.eval_samples,
+            estimator=cfg.run.eval_estimator,
+            max_scored_per_row=cfg.run.eval_max_scored_per_row,
             seed=cfg.run.seed,
             device=device,
             autocast=engine.autocast,

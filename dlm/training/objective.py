@@ -105,6 +105,7 @@ def forward_process(
     full_rows: Tensor | None = None,
     pad_region: Tensor | None = None,
     pad_share: float = 1.0,
+    mask_fraction: Tensor | None = None,
 ) -> NoisedBatch:
     """Mask a clean batch. With ``prompt_mask`` (SFT) prompt tokens are never masked.
 
@@ -121,6 +122,11 @@ def forward_process(
     t = 1, the state generation starts from. ``pad_region`` [B, L] marks the EOS padding after a row's first
     EOS: each of its tokens is maskable only with probability ``pad_share`` (pad-share annealing; otherwise
     a short document's row is mostly the trivial job of predicting EOS).
+
+    ``mask_fraction`` [B] in (0, 1] masks *exactly* ``l = ceil(fraction * n)`` of a row's ``n`` maskable
+    tokens, drawn uniformly, and weights them by ``n / l``: LLaDA's count form of the same bound (its
+    likelihood evaluation, l ~ U{1..n}). Its largest weight is ``n`` where the ``1 / p_mask`` form reaches
+    ``1 / eps``, so a held-out estimate no longer hangs on the few tokens a low-t draw happens to mask.
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -132,6 +138,8 @@ def forward_process(
             input_ids = input_ids[:, :length]
             doc_ids = doc_ids[:, :length] if doc_ids is not None else None
             keep = keep[:, :length] if keep is not None else None
+    if mask_fraction is not None:
+        return _mask_exact_count(input_ids, mask_id, generator, mask_fraction, prompt_mask, keep, doc_ids)
     if t is not None:
         t = t.detach().float().cpu()
     elif stratified:
@@ -161,6 +169,42 @@ def forward_process(
         normalizer = float(batch * length)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return NoisedBatch(input_ids, noisy, masked, p_mask, t, weights, normalizer, doc_ids)
+
+
+def _mask_exact_count(
+    input_ids: Tensor,
+    mask_id: int,
+    generator: torch.Generator,
+    fraction: Tensor,
+    prompt_mask: Tensor | None,
+    keep: Tensor | None,
+    doc_ids: Tensor | None,
+) -> NoisedBatch:
+    """The count form of :func:`forward_process`: ``ceil(fraction * n)`` of each row's ``n`` maskable tokens."""
+    batch, length = input_ids.shape
+    device = input_ids.device
+    fixed = torch.zeros(batch, length, dtype=torch.bool)
+    if prompt_mask is not None:
+        fixed |= prompt_mask.bool().cpu()
+    if keep is not None:
+        fixed |= keep.bool().cpu()
+    maskable = (~fixed).sum(dim=1)
+    count = torch.ceil(fraction.detach().float().cpu().clamp(0.0, 1.0) * maskable).clamp(min=1)
+    count = torch.minimum(count, maskable).long()
+    keys = torch.rand(batch, length, generator=generator).masked_fill(fixed, 2.0)
+    ranks = keys.argsort(dim=1).argsort(dim=1)
+    masked = (ranks < count[:, None]) & ~fixed
+    p_mask = count.float() / maskable.clamp(min=1).float()
+    if prompt_mask is not None:
+        answer_len = (~prompt_mask.bool().cpu()).sum(dim=1).clamp(min=1).float()
+        weights = 1.0 / (p_mask * answer_len)
+        normalizer = float(batch)
+    else:
+        weights = 1.0 / p_mask
+        normalizer = float(batch * length)
+    masked, p_mask, weights = masked.to(device), p_mask.to(device), weights.to(device)
+    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
+    return NoisedBatch(input_ids, noisy, masked, p_mask, p_mask.clone(), weights, normalizer, doc_ids)
 
 
 LENGTH_STATS: tuple[str, ...] = ("eos_bce_sum", "eos_correct", "eos_count", "bucket_ce_sum", "bucket_correct",
