@@ -62,12 +62,12 @@ def test_pretrain_loss_equals_full_logits_reference(output_bias: bool) -> None:
     model = _model(output_bias=output_bias)
     if output_bias:
         with torch.no_grad():
-            model.output_bias.normal_()  # type: ignore[union-attr]
+            model.output_bias.bias.normal_()  # type: ignore[union-attr]
     x = torch.randint(0, 60, (6, 40))
     noised = forward_process(x, MASK_ID, mask_generator(1, 2), eps=1e-3)
     parts = diffusion_loss(model, noised, chunk_size=7)
     ours = parts.loss_sum / noised.normalizer
-    params = [model.embed.weight] + ([model.output_bias] if output_bias else [])
+    params = [model.embed.weight] + ([model.output_bias.bias] if output_bias else [])
     grads_ours = torch.autograd.grad(ours, params)  # one backward: the fused loss allows no second one
 
     # LLaDA's reference: full logits, CE at masked positions divided by p_mask, summed, / (B * L).
@@ -157,6 +157,8 @@ def test_count_form_masks_exactly_ceil_fraction_of_the_maskable_tokens() -> None
         hits += forward_process(x[:1], MASK_ID, mask_generator(1, step), keep=keep[:1],
                                 mask_fraction=torch.tensor([0.25])).masked[0].float()
     assert hits[:8].sum() == 0 and hits[8:].min() > 40 and hits[8:].max() < 135  # 400 * 8 / 32 = 100 each
+    with pytest.raises(ValueError, match="mask_fraction"):
+        forward_process(x, MASK_ID, mask_generator(0, 4), stratified=True, mask_fraction=fraction)
 
 
 def test_count_and_t_estimators_agree_and_count_varies_less() -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Literal
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +46,7 @@ def evaluate_nelbo(
     loss_fn: Callable[[NoisedBatch, int], LossParts] | None = None,
     sft: bool = False,
     shift: bool = False,
-    estimator: str = "count",
+    estimator: Literal["count", "t"] = "count",
     max_scored_per_row: int | None = None,
 ) -> float:
     """NELBO (nats/token) of the batches: sum of 1/p_mask-weighted masked CE over the tokens that can be masked.

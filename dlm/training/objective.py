@@ -139,23 +139,27 @@ def forward_process(
             doc_ids = doc_ids[:, :length] if doc_ids is not None else None
             keep = keep[:, :length] if keep is not None else None
     if mask_fraction is not None:
-        return _mask_exact_count(input_ids, mask_id, generator, mask_fraction, prompt_mask, keep, doc_ids)
-    if t is not None:
-        t = t.detach().float().cpu()
-    elif stratified:
-        t = (torch.arange(batch, dtype=torch.float32) + torch.rand((), generator=generator)) / batch
+        if t is not None or stratified or full_rows is not None or pad_region is not None:
+            raise ValueError("mask_fraction fixes the masked count: it takes no t, stratified, full_rows, pad_region")
+        masked, p_mask = _exact_count_mask(mask_fraction, generator, prompt_mask, keep, batch, length)
+        t, masked = p_mask.clone(), masked.to(device)
     else:
-        t = torch.rand(batch, generator=generator)
-    if full_rows is not None:
-        t = torch.where(full_rows.cpu(), torch.ones_like(t), t)
-    p_mask = (1.0 - eps) * t + eps
-    if full_rows is not None:
-        p_mask = torch.where(full_rows.cpu(), torch.ones_like(p_mask), p_mask)
-    draws = torch.rand(batch, length, generator=generator)
-    masked = (draws < p_mask[:, None]).to(device)
-    if pad_region is not None and pad_share < 1.0:
-        pad_draws = torch.rand(batch, length, generator=generator).to(device)
-        masked &= ~pad_region.bool() | (pad_draws < pad_share)
+        if t is not None:
+            t = t.detach().float().cpu()
+        elif stratified:
+            t = (torch.arange(batch, dtype=torch.float32) + torch.rand((), generator=generator)) / batch
+        else:
+            t = torch.rand(batch, generator=generator)
+        if full_rows is not None:
+            t = torch.where(full_rows.cpu(), torch.ones_like(t), t)
+        p_mask = (1.0 - eps) * t + eps
+        if full_rows is not None:
+            p_mask = torch.where(full_rows.cpu(), torch.ones_like(p_mask), p_mask)
+        draws = torch.rand(batch, length, generator=generator)
+        masked = (draws < p_mask[:, None]).to(device)
+        if pad_region is not None and pad_share < 1.0:
+            pad_draws = torch.rand(batch, length, generator=generator).to(device)
+            masked &= ~pad_region.bool() | (pad_draws < pad_share)
     if keep is not None:
         masked &= ~keep.bool()
     p_mask, t = p_mask.to(device), t.to(device)
@@ -171,40 +175,26 @@ def forward_process(
     return NoisedBatch(input_ids, noisy, masked, p_mask, t, weights, normalizer, doc_ids)
 
 
-def _mask_exact_count(
-    input_ids: Tensor,
-    mask_id: int,
-    generator: torch.Generator,
+def _exact_count_mask(
     fraction: Tensor,
+    generator: torch.Generator,
     prompt_mask: Tensor | None,
     keep: Tensor | None,
-    doc_ids: Tensor | None,
-) -> NoisedBatch:
-    """The count form of :func:`forward_process`: ``ceil(fraction * n)`` of each row's ``n`` maskable tokens."""
-    batch, length = input_ids.shape
-    device = input_ids.device
+    batch: int,
+    length: int,
+) -> tuple[Tensor, Tensor]:
+    """The count form's draw: ``ceil(fraction * n)`` of each row's ``n`` maskable tokens, uniformly, as a CPU
+    ``[B, L]`` mask, and the share ``l / n`` it masked (the ``p_mask`` whose inverse is the ``n / l`` weight)."""
     fixed = torch.zeros(batch, length, dtype=torch.bool)
-    if prompt_mask is not None:
-        fixed |= prompt_mask.bool().cpu()
-    if keep is not None:
-        fixed |= keep.bool().cpu()
+    for never in (prompt_mask, keep):
+        if never is not None:
+            fixed |= never.bool().cpu()
     maskable = (~fixed).sum(dim=1)
     count = torch.ceil(fraction.detach().float().cpu().clamp(0.0, 1.0) * maskable).clamp(min=1)
     count = torch.minimum(count, maskable).long()
     keys = torch.rand(batch, length, generator=generator).masked_fill(fixed, 2.0)
     ranks = keys.argsort(dim=1).argsort(dim=1)
-    masked = (ranks < count[:, None]) & ~fixed
-    p_mask = count.float() / maskable.clamp(min=1).float()
-    if prompt_mask is not None:
-        answer_len = (~prompt_mask.bool().cpu()).sum(dim=1).clamp(min=1).float()
-        weights = 1.0 / (p_mask * answer_len)
-        normalizer = float(batch)
-    else:
-        weights = 1.0 / p_mask
-        normalizer = float(batch * length)
-    masked, p_mask, weights = masked.to(device), p_mask.to(device), weights.to(device)
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    return NoisedBatch(input_ids, noisy, masked, p_mask, p_mask.clone(), weights, normalizer, doc_ids)
+    return (ranks < count[:, None]) & ~fixed, count.float() / maskable.clamp(min=1).float()
 
 
 LENGTH_STATS: tuple[str, ...] = ("eos_bce_sum", "eos_correct", "eos_count", "bucket_ce_sum", "bucket_correct",
