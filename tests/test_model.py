@@ -312,11 +312,12 @@ def test_config_is_frozen_and_resolves_heads() -> None:
 def test_output_bias_is_the_heads_bias_tied_or_not(tie: bool) -> None:
     cfg = _small(output_bias=True, tie_embeddings=tie)
     model = _model(cfg)
-    assert model.lm_head_bias is model.output_bias and torch.equal(model.output_bias, torch.zeros(cfg.vocab_size))
+    assert model.lm_head_bias is model.output_bias.bias
+    assert torch.equal(model.lm_head_bias, torch.zeros(cfg.vocab_size))
     with torch.no_grad():
-        model.output_bias.normal_()
+        model.output_bias.bias.normal_()
     hidden = model(torch.randint(0, cfg.vocab_size, (2, 5)))
-    torch.testing.assert_close(model.logits(hidden), hidden @ model.lm_head_weight.T + model.output_bias)
+    torch.testing.assert_close(model.logits(hidden), hidden @ model.lm_head_weight.T + model.output_bias.bias)
 
 
 def test_output_bias_on_a_head_that_has_one_is_refused() -> None:

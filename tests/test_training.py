@@ -147,7 +147,7 @@ def test_unigram_output_bias_starts_a_fresh_model_at_the_unigram_loss(tmp_path: 
 
     torch.manual_seed(0)
     model = build_training_model(cfg, cpu, 1, log_probs)
-    bias = model.output_bias.detach()
+    bias = model.lm_head_bias.detach()
     assert len(log_probs) == tokenizer.vocab_size < bias.shape[0]  # the table is padded to a multiple of 64
     torch.testing.assert_close(bias[: len(log_probs)], torch.from_numpy(log_probs).float())
     assert torch.all(bias[len(log_probs) :] == float(log_probs.min()))

@@ -51,8 +51,6 @@ class DlmDiffusionModel(PreTrainedModel):
         # checkpoint's, device moves and weight loading reach the core, and its forward is reused as is.
         for name, module in core.named_children():
             self.add_module(name, module)
-        for name, param in core.named_parameters(recurse=False):  # the output bias, when configured
-            self.register_parameter(name, param)
         object.__setattr__(self, "_core", core)
         self.post_init()
 
@@ -70,10 +68,6 @@ class DlmDiffusionModel(PreTrainedModel):
         output_hidden_states: bool | None = None,
         **kwargs: Any,
     ) -> MaskedLMOutput:
-        for name, param in self.named_parameters(recurse=False):
-            # Loading replaces our direct parameters (the output bias) by new objects; the core must use them.
-            if getattr(self._core, name) is not param:
-                setattr(self._core, name, param)
         doc_ids = None if attention_mask is None else attention_mask.to(torch.long)
         hidden = self._core(input_ids, doc_ids=doc_ids, position_ids=position_ids)
         logits = self._core.logits(hidden)

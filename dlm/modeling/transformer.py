@@ -147,6 +147,18 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+class OutputBias(nn.Module):
+    """The ``[V]`` bias ``model.output_bias`` adds to the LM head's logits, tied head or not.
+
+    A module of its own, not a bare parameter of the transformer, so that everything that walks the model's
+    children (transformers' ``DlmDiffusionModel`` adopts them, checkpoint loading replaces their tensors) carries
+    it like any other layer."""
+
+    def __init__(self, vocab_size: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+
 class DiffusionTransformer(nn.Module):
     """Bidirectional transformer mapping token ids (some of them mask tokens) to final hidden states."""
 
@@ -159,7 +171,7 @@ class DiffusionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.final_norm = _norm(cfg)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=cfg.bias)
-        self.output_bias = nn.Parameter(torch.zeros(cfg.vocab_size)) if cfg.output_bias else None
+        self.output_bias = OutputBias(cfg.vocab_size) if cfg.output_bias else None
         self.length_head: LengthHead | None = None
         if cfg.compile:
             # Per block, not the whole model: one compiled graph serves every layer, compile time does not
@@ -198,7 +210,7 @@ class DiffusionTransformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
         if self.output_bias is not None:
-            nn.init.zeros_(self.output_bias)
+            nn.init.zeros_(self.output_bias.bias)
         if self.rope is not None:
             self.rope.reset()
         if self.length_head is not None:
@@ -264,7 +276,7 @@ class DiffusionTransformer(nn.Module):
     def lm_head_bias(self) -> Tensor | None:
         """The output bias ``[V]``: ``output_bias`` when configured, else an untied head's bias (``bias=True``)."""
         if self.output_bias is not None:
-            return self.output_bias
+            return self.output_bias.bias
         return None if self.lm_head is None else self.lm_head.bias
 
     def logits(self, hidden: Tensor) -> Tensor:
@@ -273,12 +285,11 @@ class DiffusionTransformer(nn.Module):
         return F.linear(hidden, self.lm_head_weight, self.lm_head_bias)
 
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameter count (tied weights once); ``non_embedding`` drops the token and position embeddings
-        and the LM head (untied weight, output bias), matching :func:`dlm.modeling.accounting.non_embedding_param_count`."""
+        """Parameter count (tied weights once); ``non_embedding`` drops the token and position embeddings and
+        the LM head (untied weight, output bias), matching
+        :func:`dlm.modeling.accounting.non_embedding_param_count`."""
         excluded: set[int] = set()
         if non_embedding:
-            tables = [self.embed, self.pos_embed, self.lm_head]
+            tables = [self.embed, self.pos_embed, self.lm_head, self.output_bias]
             excluded = {id(p) for module in tables if module is not None for p in module.parameters()}
-            if self.output_bias is not None:
-                excluded.add(id(self.output_bias))
         return sum(p.numel() for p in self.parameters() if id(p) not in excluded)
