@@ -270,6 +270,7 @@ def _eval_length(args: argparse.Namespace) -> int:
         args.data, args.model, q=args.q, fixed=fixed, limit=args.limit, batch_size=args.batch_size,
         run_generation=args.generate, steps_per_token=args.steps_per_token, block_length=args.block_length,
         split=args.split, eval_fraction=args.eval_fraction, template=args.template, device=args.device, seed=args.seed,
+        target_ratio=args.target_ratio,
     )
     print(report.markdown())
     if args.out:
@@ -288,6 +289,8 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     length.add_argument("--model", required=True, help="run directory, checkpoint or export to evaluate")
     length.add_argument("--out", default=None, help="directory for length_eval.md/.json and the plots")
     length.add_argument("--q", type=float, default=0.9, help="quantile of the predicted bounds")
+    length.add_argument("--target-ratio", type=float, default=2.0,
+                        help="report each predictor's best coverage at this mean budget / true length")
     length.add_argument("--fixed", default="512,1024", help="fixed canvases to compare with, comma-separated")
     length.add_argument("--limit", type=int, default=None, help="only the first N examples (of each file)")
     length.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -19,6 +20,8 @@ from dlm.cli import main
 from dlm.evaluation.length import (
     EvalExample,
     LengthReport,
+    Readings,
+    coverage_at_ratio,
     evaluate_length,
     first_steps,
     predicted_budgets,
@@ -267,3 +270,64 @@ def test_an_sft_mix_of_files_with_different_layouts(runs: dict[str, Path], loade
     assert report.lengths == [*LENGTHS, 2, 2] and report.layout == "qa+alpaca"
     assert not report.synthetic  # alpaca answers cannot be checked exactly
     assert any("cats.jsonl 4, alpaca.json 2" in n for n in report.notes)
+
+    # every method also scored per file: counts, the known per-file coverage, and the mix as their weighted mean
+    fixed16 = report.method("fixed:16")
+    assert set(fixed16.by_source) == {"cats.jsonl", "alpaca.json"}
+    assert fixed16.by_source["cats.jsonl"]["examples"] == 4 and fixed16.by_source["alpaca.json"]["examples"] == 2
+    assert fixed16.by_source["cats.jsonl"]["coverage"] == 0.5 and fixed16.by_source["alpaca.json"]["coverage"] == 1
+    assert fixed16.by_source["alpaca.json"]["mean_ratio"] == 8.0  # 16 / 2 for both answers
+    for m in report.methods:
+        for key in ("coverage", "mean_ratio"):
+            mixed = sum(v["examples"] * v[key] for v in m.by_source.values()) / 6
+            assert mixed == pytest.approx(m.metrics[key])
+    table = report.markdown().split("### By data file: coverage / mean b/L")[1]
+    assert "| method | cats.jsonl (4) | alpaca.json (2) |" in table and "| fixed:16 | 50.0% / " in table
+    assert report.as_dict()["methods"]["oracle"]["by_source"]["alpaca.json"]["coverage"] == 1.0
+
+
+def test_one_file_has_no_per_file_table(runs: dict[str, Path], loaded: LoadedModel) -> None:
+    report = _eval(runs, loaded, fixed=[16])
+    assert all(not m.by_source for m in report.methods) and "By data file" not in report.markdown()
+
+
+def _bucket_readings(probs: list[list[float]]) -> Readings:
+    """Readings of a bucket head over buckets 16 / 32 / 64 with the given distributions (other heads unused)."""
+    n = len(probs)
+    blank = np.zeros((n, 64), dtype=np.float32)
+    return Readings(64, blank, blank, np.array(probs, dtype=np.float32), [16, 32, 64], 16)
+
+
+def test_best_coverage_at_a_target_ratio_on_known_distributions() -> None:
+    """Answers of 10, 20 and 40 tokens. For q in (0.6, 0.9] the budgets are 16 / 32 / 64: everything covered at
+    mean b/L 1.6; above 0.9 the first answer gets 32 (mean 2.13); at or below 0.6 the second and third miss."""
+    lengths = [10, 20, 40]
+    readings = _bucket_readings([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.3, 0.3, 0.4]])
+    point = coverage_at_ratio(readings, lengths, ["bucket-head"], 2.0)["bucket-head"]
+    assert point == {"q": 0.61, "coverage": 1.0, "mean_ratio": pytest.approx(1.6)}  # the cheapest q of the plateau
+    wide = coverage_at_ratio(readings, lengths, ["bucket-head"], 2.2)["bucket-head"]
+    assert wide is not None and wide["coverage"] == 1.0 and wide["mean_ratio"] == pytest.approx(1.6)
+    # within 1.5 only q <= 0.6 qualifies: one answer in three, and of equal coverage the cheaper (16 / 16 / 16)
+    tight = coverage_at_ratio(readings, lengths, ["bucket-head"], 1.5)["bucket-head"]
+    assert tight is not None and tight["coverage"] == pytest.approx(1 / 3)
+    assert tight["mean_ratio"] == pytest.approx((16 / 10 + 16 / 20 + 16 / 40) / 3)
+    # a 3-token answer always gets at least the 16 minimum: no q keeps the mean within 5
+    assert coverage_at_ratio(_bucket_readings([[1.0, 0.0, 0.0]]), [3], ["bucket-head"], 5.0)["bucket-head"] is None
+
+
+def test_report_carries_the_target_ratio_point(runs: dict[str, Path], loaded: LoadedModel,
+                                               tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = _eval(runs, loaded, fixed=[16], target_ratio=3.0)
+    assert report.target_ratio == 3.0 and set(report.frontier) == {"zero-shot", "eos-head", "bucket-head"}
+    for name, point in report.frontier.items():
+        # no q of the coarse sweep that stays within the target covers more than the fine search found
+        within = [p for p in report.sweep[name] if p["mean_ratio"] <= 3.0]
+        if point is None:
+            assert not within
+        else:
+            assert point["mean_ratio"] <= 3.0 and all(p["coverage"] <= point["coverage"] for p in within)
+    assert "### Best coverage at mean b/L ≤ 3" in report.markdown()
+    assert json.loads(json.dumps(report.as_dict()))["frontier"] == report.frontier
+    base = ["eval", "length", "--data", str(runs["data"]), "--model", str(runs["head"]), "--device", "cpu"]
+    assert main([*base, "--target-ratio", "0.5"]) == 2
+    assert "--target-ratio must be >= 1" in capsys.readouterr().err

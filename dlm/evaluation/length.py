@@ -15,7 +15,9 @@ rows count it):
 
 One forward pass per prompt over ``[prompt, W masks]`` (``W`` the head's ``max_len``, else the largest fixed
 canvas) yields the readings of all three predictors, kept as probabilities, so any quantile ``q`` is cheap: the
-coverage-vs-budget curves sweep ``q`` without another pass.
+coverage-vs-budget curves sweep ``q`` without another pass, and each predictor's best coverage within a target
+mean budget / true length (default 2) is searched on a fine grid of ``q``. Over several data files every method
+is also scored per file, because a mix's average hides the file the predictors cannot read.
 
 Cost is counted as the sampler counts it: canvas tokens = forward passes × canvas width, summed over a
 sample's steps. The *estimate* runs each schedule to its end (no early stop at EOS) and extends a predicted
@@ -32,7 +34,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,6 +63,9 @@ from dlm.modeling.length_head import bucket_edges, bucket_of, predict_bucket_bou
 Split = Literal["all", "held-out", "train"]
 DEFAULT_FIXED: tuple[int, ...] = (512, 1024)
 SWEEP_QS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+# the fine grid the operating point at a target mean budget / true length is searched on
+FRONTIER_QS: tuple[float, ...] = (*(k / 100 for k in range(1, 100)), 0.995, 0.999, 1.0)
+DEFAULT_TARGET_RATIO = 2.0
 PREDICTORS: tuple[str, ...] = ("zero-shot", "eos-head", "bucket-head")
 DEFAULT_EVAL_FRACTION = 0.05  # DataSection.eval_fraction's default, for runs whose config does not say
 _LM_CHUNK = 128  # canvas positions per LM-head call in the zero-shot reading: [B, 128, V] logits at most
@@ -73,6 +78,7 @@ class EvalExample:
     question: str
     prompt_ids: list[int]
     answer_ids: list[int]
+    source: str = ""
 
     @property
     def length(self) -> int:
@@ -152,7 +158,7 @@ def read_examples(
         raise DataError(f"{data} holds no usable examples{where} (blank prompts or answers are skipped); check the "
                         "file, --split and --eval-fraction")
     pairs = encode_examples(loaded.tokenizer, kept, chosen)
-    examples = [EvalExample(_question(e), p.tolist(), a.tolist()) for e, (p, a) in zip(kept, pairs)]
+    examples = [EvalExample(_question(e), p.tolist(), a.tolist(), path.name) for e, (p, a) in zip(kept, pairs)]
     synthetic = layout == "qa" and all(is_synthetic(e.question) for e in examples)
     return EvalData(examples, layout, chosen, synthetic, notes)
 
@@ -312,6 +318,7 @@ class MethodResult:
     prediction_seconds: float = 0.0
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)
     generation: dict[str, float] | None = None
     generated: list[str] | None = None
 
@@ -353,6 +360,8 @@ class LengthReport:
     sweep: dict[str, list[dict[str, float]]]
     notes: list[str]
     generated: bool
+    target_ratio: float = DEFAULT_TARGET_RATIO
+    frontier: dict[str, dict[str, float] | None] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult:
         """The result of method ``name`` (``fixed:512``, ``zero-shot``, ``eos-head``, ``bucket-head``, ``oracle``)."""
@@ -424,6 +433,22 @@ class LengthReport:
         for name, points in self.sweep.items():
             lines.append(f"| {name} | " + " | ".join(f"{p['coverage']:.1%} / {p['mean_ratio']:.2f}" for p in points)
                          + " |")
+        if self.frontier:
+            lines += ["", f"### Best coverage at mean b/L ≤ {self.target_ratio:g}", "",
+                      "| predictor | q | coverage | mean b/L |", "|---|---|---|---|"]
+            for name, point in self.frontier.items():
+                lines.append(f"| {name} | {point['q']:g} | {point['coverage']:.1%} | {point['mean_ratio']:.2f} |"
+                             if point else f"| {name} | – | none within {self.target_ratio:g} | – |")
+            lines += ["", "q is picked on these examples: a point of each predictor's trade-off curve."]
+        sources = list(self.methods[0].by_source)
+        if sources:
+            counts = {s: int(self.methods[0].by_source[s]["examples"]) for s in sources}
+            lines += ["", "### By data file: coverage / mean b/L", "",
+                      "| method | " + " | ".join(f"{s} ({counts[s]})" for s in sources) + " |",
+                      "|" + "---|" * (1 + len(sources))]
+            for m in self.methods:
+                lines.append(f"| {m.name} | " + " | ".join(
+                    f"{m.by_source[s]['coverage']:.1%} / {m.by_source[s]['mean_ratio']:.2f}" for s in sources) + " |")
         if self.generated:
             acc = "accuracy | " if self.synthetic else ""
             gen_vs = [f"vs {f.name}" for f in fixed]
@@ -468,6 +493,42 @@ def _sweep(readings: Readings, lengths: Sequence[int], methods: Sequence[str], q
             points.append({"q": point, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]})
         sweep[name] = points
     return sweep
+
+
+def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Sequence[str], target: float
+              ) -> dict[str, dict[str, float] | None]:
+    """Each predictor's operating point at mean budget / true length ``target``: of the quantiles of
+    :data:`FRONTIER_QS` whose budgets keep the mean ratio within ``target``, the one covering the most prompts
+    (the cheaper one on a tie); None when even the smallest q over-allocates.
+
+    This is the figure a length-budget goal is stated in ("coverage at mean budget / true ≤ 2"). The q is picked
+    on the scored examples themselves, so it reads as a point of the predictor's trade-off curve, as an ROC
+    point does, not as a promise for that q on other data.
+    """
+    frontier: dict[str, dict[str, float] | None] = {}
+    for name in methods:
+        best: dict[str, float] | None = None
+        for point in FRONTIER_QS:
+            _, budgets = predicted_budgets(readings, name, point)
+            m = _metrics(budgets, lengths, readings.edges)
+            if m["mean_ratio"] > target:
+                continue
+            key = (m["coverage"], -m["mean_ratio"])
+            if best is None or key > (best["coverage"], -best["mean_ratio"]):
+                best = {"q": point, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]}
+        frontier[name] = best
+    return frontier
+
+
+def _by_source(method: MethodResult, examples: Sequence[EvalExample], edges: Sequence[int]
+               ) -> dict[str, dict[str, float]]:
+    """``method``'s coverage and budget ratios on each data file's examples alone (a mix hides a hard file)."""
+    groups: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault(e.source, []).append(i)
+    return {src: {"examples": float(len(idx)),
+                  **_metrics([method.budgets[i] for i in idx], [examples[i].length for i in idx], edges)}
+            for src, idx in groups.items()}
 
 
 def _generate(
@@ -533,6 +594,8 @@ def _read_all(
         raise DataError("no data file given; pass --data FILE (repeat it for several files)")
     parts = [read_examples(f, loaded, template=template, split=split, eval_fraction=eval_fraction, limit=limit)
              for f in files]
+    if len({Path(f).name for f in files}) < len(files):  # same file name in two folders: label by path
+        parts = [replace(p, examples=[replace(e, source=str(f)) for e in p.examples]) for f, p in zip(files, parts)]
     notes = list(dict.fromkeys(n for p in parts for n in p.notes))
     if len(parts) > 1:
         notes.append("examples per file: " + ", ".join(f"{Path(f).name} {len(p.examples)}" for f, p in zip(files, parts)))
@@ -557,6 +620,7 @@ def evaluate_length(
     device: str | None = None,
     seed: int = 0,
     progress: bool = True,
+    target_ratio: float = DEFAULT_TARGET_RATIO,
 ) -> LengthReport:
     """Score every method on ``data`` (a file, or several files read one after the other) for ``model`` (a run
     directory or checkpoint that :func:`~dlm.generation.load_for_generation` reads, or a loaded model).
@@ -564,9 +628,11 @@ def evaluate_length(
     Metrics per method: ``coverage`` (share of prompts whose budget ≥ the true answer length), ``mean_ratio`` /
     ``median_ratio`` (budget / true length), ``bucket_accuracy`` (budget in the true length's power-of-two
     bucket over the head's buckets), ``mean_budget``, and ``est_canvas_tokens`` (see the module docstring).
+    ``frontier``: each predictor's best coverage with a mean budget / true length within ``target_ratio``
+    (:func:`coverage_at_ratio`); with several files, every method's metrics per file too (``by_source``).
     A model without a length head still gets the fixed, zero-shot and oracle methods, with a note.
     """
-    _check_args(q, fixed, limit, batch_size, steps_per_token)
+    _check_args(q, fixed, limit, batch_size, steps_per_token, target_ratio)
     loaded = model if isinstance(model, LoadedModel) else load_for_generation(model, device=device)
     source = _read_all(data, loaded, template=template, split=split, eval_fraction=eval_fraction, limit=limit)
     examples, notes = source.examples, list(source.notes)
@@ -589,8 +655,11 @@ def evaluate_length(
         methods.append(MethodResult(name, rule, budgets, True, width, prediction_tokens=width * len(examples),
                                     prediction_seconds=seconds))
     methods.append(_oracle(lengths))
+    several_files = len({e.source for e in examples}) > 1
     for m in methods:
         m.metrics = _metrics(m.budgets, lengths, readings.edges)
+        if several_files:
+            m.by_source = _by_source(m, examples, readings.edges)
         m.metrics["est_canvas_tokens"] = m.prediction_tokens + sum(
             schedule_cost(b, n, steps_per_token=steps_per_token, extend=m.extend, max_length=m.max_length,
                           block_length=block_length)[1]
@@ -601,13 +670,16 @@ def evaluate_length(
             _generate(loaded, examples, m, steps_per_token=steps_per_token, batch_size=batch_size,
                       block_length=block_length, seed=seed, synthetic=source.synthetic, progress=progress)
     return LengthReport(
-        data=str(data) if isinstance(data, (str, Path)) else ", ".join(map(str, data)), model=str(loaded.directory), layout=source.layout, template=source.template,
-        synthetic=source.synthetic, q=q, width=width, steps_per_token=steps_per_token, lengths=lengths,
-        methods=methods, sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
+        data=str(data) if isinstance(data, (str, Path)) else ", ".join(map(str, data)),
+        model=str(loaded.directory), layout=source.layout, template=source.template, synthetic=source.synthetic,
+        q=q, width=width, steps_per_token=steps_per_token, lengths=lengths, methods=methods,
+        sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
+        target_ratio=target_ratio, frontier=coverage_at_ratio(readings, lengths, predictors, target_ratio),
     )
 
 
-def _check_args(q: float, fixed: Sequence[int], limit: int | None, batch_size: int, steps_per_token: float) -> None:
+def _check_args(q: float, fixed: Sequence[int], limit: int | None, batch_size: int, steps_per_token: float,
+                target_ratio: float) -> None:
     problems = []
     if not 0.0 < q <= 1.0:
         problems.append(f"--q must be in (0, 1], got {q}")
@@ -619,6 +691,9 @@ def _check_args(q: float, fixed: Sequence[int], limit: int | None, batch_size: i
         problems.append(f"--batch-size must be >= 1, got {batch_size}")
     if not 0.0 < steps_per_token <= 1.0:
         problems.append(f"--steps-per-token must be in (0, 1], got {steps_per_token}")
+    if not target_ratio >= 1.0:
+        problems.append(f"--target-ratio must be >= 1 (a budget below the true length covers nothing), "
+                        f"got {target_ratio}")
     if problems:
         raise GenerationError("; ".join(problems))
 

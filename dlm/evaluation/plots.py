@@ -4,7 +4,8 @@
   with the lines budget = length (below it the answer does not fit) and budget = 2 × length (the oracle's worst
   case); the eye sees at once who under-allocates and by how much the rest over-allocate.
 - ``coverage_vs_budget.png``: coverage against mean budget / true length, one curve per predictor as its
-  quantile ``q`` sweeps, with the fixed canvases and the oracle as points; the upper-left corner is the goal.
+  quantile ``q`` sweeps, with the fixed canvases and the oracle as points; the upper-left corner is the goal,
+  and each predictor's best coverage at the report's target ratio is marked on the dotted vertical line.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def plot_coverage_vs_budget(report: LengthReport, path: Path) -> Path:
         ax.scatter([m.metrics["mean_ratio"]], [m.metrics["coverage"]], marker="s", s=30, color=grey, label=m.name)
     oracle = report.method("oracle").metrics
     ax.scatter([oracle["mean_ratio"]], [oracle["coverage"]], marker="*", s=90, color="k", label="oracle")
+    if report.frontier:
+        ax.axvline(report.target_ratio, color="grey", lw=0.6, ls=":")
+        points = [p for p in report.frontier.values() if p is not None]
+        ax.scatter([p["mean_ratio"] for p in points], [p["coverage"] for p in points], marker="D", s=28,
+                   color="tab:red", zorder=3, label=f"best at mean ≤ {report.target_ratio:g}")
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("mean budget / true length")
