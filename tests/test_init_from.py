@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from dlm.cli import main
 from dlm.config import RunConfig, load_config
 from dlm.errors import ConfigError
+from dlm.generation import load_for_generation
 from dlm.modeling import import_pretrained
 from dlm.training.engine import PlainEngine, build_training_model
 from dlm.training.objective import diffusion_loss, forward_process, mask_generator
@@ -93,6 +95,24 @@ def test_dlm_train_starts_from_an_export_a_run_or_a_checkpoint_alike(trained: tu
     assert first["export"] == first["run"] == first["checkpoint"]
     assert first["fresh"] != first["export"]
     assert first["export"] < first["fresh"], "trained weights start from a lower loss than a random init"
+
+
+def test_a_checkpoint_of_a_run_started_from_init_from_exports_and_generates(
+    trained: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Such a run's config.yaml records model.init_from; reading the checkpoint's architecture must skip it."""
+    _, exported = trained
+    run_dir = tmp_path / "run"
+    extra = [f"model.init_from={exported}"]
+    assert main(["train", SMOKE, *_fp32(run_dir, *extra, run__steps=2, checkpoint__interval=2)]) == 0
+    step = run_dir / "checkpoints" / "step_000002"
+    assert yaml.safe_load((step / "config.yaml").read_text())["model"]["init_from"] == str(exported)
+    assert main(["export", str(step), str(tmp_path / "export"), "--dtype", "fp32"]) == 0
+    final = load_weights(run_dir / "model.safetensors")
+    for name, tensor in load_weights(tmp_path / "export").items():
+        assert torch.equal(tensor, final[name]), name
+    loaded = load_for_generation(step, device="cpu")
+    assert torch.equal(loaded.model.state_dict()["embed.weight"], final["embed.weight"])
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
