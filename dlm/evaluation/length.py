@@ -323,17 +323,20 @@ class MethodResult:
     generated: list[str] | None = None
 
 
-def _metrics(budgets: Sequence[int], lengths: Sequence[int], edges: Sequence[int]) -> dict[str, float]:
+def _coverage_metrics(budgets: Sequence[int], lengths: Sequence[int]) -> dict[str, float]:
     ratios = [b / n for b, n in zip(budgets, lengths)]
-    lo, hi = edges[0], edges[-1]
     return {
         "coverage": sum(b >= n for b, n in zip(budgets, lengths)) / len(lengths),
         "mean_ratio": statistics.fmean(ratios),
         "median_ratio": statistics.median(ratios),
-        "bucket_accuracy": sum(bucket_of(b, lo, hi) == bucket_of(n, lo, hi) for b, n in zip(budgets, lengths))
-        / len(lengths),
         "mean_budget": statistics.fmean(budgets),
     }
+
+
+def _metrics(budgets: Sequence[int], lengths: Sequence[int], edges: Sequence[int]) -> dict[str, float]:
+    lo, hi = edges[0], edges[-1]
+    hits = sum(bucket_of(b, lo, hi) == bucket_of(n, lo, hi) for b, n in zip(budgets, lengths))
+    return {**_coverage_metrics(budgets, lengths), "bucket_accuracy": hits / len(lengths)}
 
 
 def _fixed_method(size: int, examples: Sequence[EvalExample], max_seq_len: int) -> MethodResult:
@@ -495,29 +498,34 @@ def _sweep(readings: Readings, lengths: Sequence[int], methods: Sequence[str], q
     return sweep
 
 
+def best_operating_point(
+    budgets_at: Callable[[float], Sequence[int]], lengths: Sequence[int], target: float,
+    qs: Sequence[float] = FRONTIER_QS,
+) -> dict[str, float] | None:
+    """Of the quantiles ``qs``, the one whose budgets (``budgets_at(q)``) cover the most answers with a mean
+    budget / true length within ``target`` (the cheaper one on a tie), as ``{q, coverage, mean_ratio}``; None
+    when even the smallest q over-allocates. Any predictor with a quantile knob fits, a baseline included."""
+    best: dict[str, float] | None = None
+    for point in qs:
+        m = _coverage_metrics(budgets_at(point), lengths)
+        if m["mean_ratio"] > target:
+            continue
+        if best is None or (m["coverage"], -m["mean_ratio"]) > (best["coverage"], -best["mean_ratio"]):
+            best = {"q": point, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]}
+    return best
+
+
 def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Sequence[str], target: float
-              ) -> dict[str, dict[str, float] | None]:
-    """Each predictor's operating point at mean budget / true length ``target``: of the quantiles of
-    :data:`FRONTIER_QS` whose budgets keep the mean ratio within ``target``, the one covering the most prompts
-    (the cheaper one on a tie); None when even the smallest q over-allocates.
+                      ) -> dict[str, dict[str, float] | None]:
+    """Each predictor's operating point at mean budget / true length ``target`` (:func:`best_operating_point`
+    over :data:`FRONTIER_QS`).
 
     This is the figure a length-budget goal is stated in ("coverage at mean budget / true ≤ 2"). The q is picked
     on the scored examples themselves, so it reads as a point of the predictor's trade-off curve, as an ROC
     point does, not as a promise for that q on other data.
     """
-    frontier: dict[str, dict[str, float] | None] = {}
-    for name in methods:
-        best: dict[str, float] | None = None
-        for point in FRONTIER_QS:
-            _, budgets = predicted_budgets(readings, name, point)
-            m = _metrics(budgets, lengths, readings.edges)
-            if m["mean_ratio"] > target:
-                continue
-            key = (m["coverage"], -m["mean_ratio"])
-            if best is None or key > (best["coverage"], -best["mean_ratio"]):
-                best = {"q": point, "coverage": m["coverage"], "mean_ratio": m["mean_ratio"]}
-        frontier[name] = best
-    return frontier
+    return {name: best_operating_point(lambda q: predicted_budgets(readings, name, q)[1], lengths, target)
+            for name in methods}
 
 
 def _by_source(method: MethodResult, examples: Sequence[EvalExample], edges: Sequence[int]
