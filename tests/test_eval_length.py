@@ -284,11 +284,27 @@ def test_an_sft_mix_of_files_with_different_layouts(runs: dict[str, Path], loade
     table = report.markdown().split("### By data file: coverage / mean b/L")[1]
     assert "| method | cats.jsonl (4) | alpaca.json (2) |" in table and "| fixed:16 | 50.0% / " in table
     assert report.as_dict()["methods"]["oracle"]["by_source"]["alpaca.json"]["coverage"] == 1.0
+    # each file's own best point at the target ratio is the point the file alone gets
+    alone = evaluate_length(runs["data"], loaded, fixed=[16], progress=False).frontier
+    assert set(report.frontier_by_source) == {"cats.jsonl", "alpaca.json"}
+    for name, point in report.frontier_by_source["cats.jsonl"].items():
+        assert (point is None) == (alone[name] is None)
+        if point is not None:
+            assert point["q"] == alone[name]["q"] and point["coverage"] == alone[name]["coverage"]
+    assert "Each data file alone (its own q):" in report.markdown()
 
 
 def test_one_file_has_no_per_file_table(runs: dict[str, Path], loaded: LoadedModel) -> None:
     report = _eval(runs, loaded, fixed=[16])
-    assert all(not m.by_source for m in report.methods) and "By data file" not in report.markdown()
+    assert all(not m.by_source for m in report.methods) and not report.frontier_by_source
+    assert "By data file" not in report.markdown() and "Each data file alone" not in report.markdown()
+
+
+def test_readings_subset_keeps_the_chosen_rows() -> None:
+    readings = _bucket_readings([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.3, 0.3, 0.4]])
+    part = readings.subset([2, 0])
+    assert part.bucket is not None and np.array_equal(part.bucket, readings.bucket[[2, 0]])
+    assert part.zero_shot.shape == (2, 64) and part.edges == readings.edges and part.width == readings.width
 
 
 def _bucket_readings(probs: list[list[float]]) -> Readings:

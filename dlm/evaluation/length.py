@@ -185,6 +185,13 @@ class Readings:
     backbone_seconds: float = 0.0
     lm_seconds: float = 0.0
 
+    def subset(self, index: Sequence[int]) -> Readings:
+        """The readings of the examples at ``index`` only (timings kept whole: they belong to the pass)."""
+        rows = np.asarray(index, dtype=np.int64)
+        eos_head = None if self.eos_head is None else self.eos_head[rows]
+        bucket = None if self.bucket is None else self.bucket[rows]
+        return replace(self, zero_shot=self.zero_shot[rows], eos_head=eos_head, bucket=bucket)
+
 
 @torch.no_grad()
 def _eos_probability(model: Any, canvas_hidden: torch.Tensor, eos_id: int) -> torch.Tensor:
@@ -365,6 +372,7 @@ class LengthReport:
     generated: bool
     target_ratio: float = DEFAULT_TARGET_RATIO
     frontier: dict[str, dict[str, float] | None] = field(default_factory=dict)
+    frontier_by_source: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult:
         """The result of method ``name`` (``fixed:512``, ``zero-shot``, ``eos-head``, ``bucket-head``, ``oracle``)."""
@@ -442,6 +450,15 @@ class LengthReport:
             for name, point in self.frontier.items():
                 lines.append(f"| {name} | {point['q']:g} | {point['coverage']:.1%} | {point['mean_ratio']:.2f} |"
                              if point else f"| {name} | – | none within {self.target_ratio:g} | – |")
+            if self.frontier_by_source:
+                files = list(self.frontier_by_source)
+                lines += ["", "Each data file alone (its own q):", "",
+                          "| predictor | " + " | ".join(files) + " |", "|" + "---|" * (1 + len(files))]
+                for name in self.frontier:
+                    cells = [self.frontier_by_source[f][name] for f in files]
+                    lines.append(f"| {name} | " + " | ".join(
+                        f"{c['coverage']:.1%} at {c['mean_ratio']:.2f} (q {c['q']:g})" if c else "–" for c in cells)
+                        + " |")
             lines += ["", "q is picked on these examples: a point of each predictor's trade-off curve."]
         sources = list(self.methods[0].by_source)
         if sources:
@@ -528,12 +545,17 @@ def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Seque
             for name in methods}
 
 
-def _by_source(method: MethodResult, examples: Sequence[EvalExample], edges: Sequence[int]
-               ) -> dict[str, dict[str, float]]:
-    """``method``'s coverage and budget ratios on each data file's examples alone (a mix hides a hard file)."""
+def _source_groups(examples: Sequence[EvalExample]) -> dict[str, list[int]]:
+    """Indices of each data file's examples, in file order."""
     groups: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
         groups.setdefault(e.source, []).append(i)
+    return groups
+
+
+def _by_source(method: MethodResult, examples: Sequence[EvalExample], groups: dict[str, list[int]],
+               edges: Sequence[int]) -> dict[str, dict[str, float]]:
+    """``method``'s coverage and budget ratios on each data file's examples alone (a mix hides a hard file)."""
     return {src: {"examples": float(len(idx)),
                   **_metrics([method.budgets[i] for i in idx], [examples[i].length for i in idx], edges)}
             for src, idx in groups.items()}
@@ -663,11 +685,15 @@ def evaluate_length(
         methods.append(MethodResult(name, rule, budgets, True, width, prediction_tokens=width * len(examples),
                                     prediction_seconds=seconds))
     methods.append(_oracle(lengths))
-    several_files = len({e.source for e in examples}) > 1
+    groups = _source_groups(examples)
+    several_files = len(groups) > 1
+    frontier_by_source = {
+        src: coverage_at_ratio(readings.subset(idx), [lengths[i] for i in idx], predictors, target_ratio)
+        for src, idx in groups.items()} if several_files else {}
     for m in methods:
         m.metrics = _metrics(m.budgets, lengths, readings.edges)
         if several_files:
-            m.by_source = _by_source(m, examples, readings.edges)
+            m.by_source = _by_source(m, examples, groups, readings.edges)
         m.metrics["est_canvas_tokens"] = m.prediction_tokens + sum(
             schedule_cost(b, n, steps_per_token=steps_per_token, extend=m.extend, max_length=m.max_length,
                           block_length=block_length)[1]
@@ -683,6 +709,7 @@ def evaluate_length(
         q=q, width=width, steps_per_token=steps_per_token, lengths=lengths, methods=methods,
         sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
         target_ratio=target_ratio, frontier=coverage_at_ratio(readings, lengths, predictors, target_ratio),
+        frontier_by_source=frontier_by_source,
     )
 
 
