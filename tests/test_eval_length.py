@@ -294,6 +294,14 @@ def test_an_sft_mix_of_files_with_different_layouts(runs: dict[str, Path], loade
     assert "Each data file alone (its own q):" in report.markdown()
 
 
+def test_two_files_of_the_same_name_are_told_apart_by_path(runs: dict[str, Path], loaded: LoadedModel,
+                                                           tmp_path: Path) -> None:
+    other = _write_data(tmp_path / "cats.jsonl", (5, 6))
+    report = evaluate_length([runs["data"], other], loaded, fixed=[16], progress=False)
+    assert set(report.method("fixed:16").by_source) == {str(runs["data"]), str(other)}
+    assert set(report.frontier_by_source) == {str(runs["data"]), str(other)}
+
+
 def test_one_file_has_no_per_file_table(runs: dict[str, Path], loaded: LoadedModel) -> None:
     report = _eval(runs, loaded, fixed=[16])
     assert all(not m.by_source for m in report.methods) and not report.frontier_by_source
