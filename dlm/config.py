@@ -107,12 +107,16 @@ class ModelSection(_ModelOverrides):  # type: ignore[misc, valid-type]
 
     def overrides(self) -> dict[str, Any]:
         """The architecture fields the user set explicitly (everything else comes from the preset)."""
-        exclude = {"preset", "init_from", "init_from_format", "output_bias_init"}
-        return {k: v for k, v in self.model_dump(exclude=exclude).items() if v is not None}
+        return {k: v for k, v in self.model_dump(exclude=set(RUN_ONLY_MODEL_KEYS)).items() if v is not None}
 
     def resolve(self) -> TransformerConfig:
         """The full architecture: preset values with the user's overrides applied."""
         return preset(self.preset, **self.overrides())
+
+
+RUN_ONLY_MODEL_KEYS: frozenset[str] = frozenset(ModelSection.model_fields) - frozenset(TransformerConfig.model_fields)
+"""Keys of the model section that say where a run's weights come from, not what shape they have (``preset``,
+``init_from``, ...): a run's ``config.yaml`` records some of them, and readers of the shape skip them."""
 
 
 class TokenizerSection(Section):

@@ -256,11 +256,9 @@ def _run_config(path: Path) -> dict[str, Any]:
 def _architecture(raw: Any, where: Path) -> TransformerConfig:
     if not isinstance(raw, dict):
         raise InteropError(f"{where} has no model section; it was not written by dlm")
-    from dlm.config import ModelSection  # here, not at the top: dlm.config imports dlm.modeling
+    from dlm.config import RUN_ONLY_MODEL_KEYS  # here, not at the top: dlm.config imports dlm.modeling
 
-    # a run's config.yaml also records where its first weights came from (preset, init_from, ...): not shape
-    run_only = set(ModelSection.model_fields) - set(TransformerConfig.model_fields)
-    fields = {k: v for k, v in raw.items() if k not in run_only}
+    fields = {k: v for k, v in raw.items() if k not in RUN_ONLY_MODEL_KEYS}
     try:
         return TransformerConfig.model_validate(fields)
     except ValueError as exc:

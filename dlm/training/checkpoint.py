@@ -34,6 +34,7 @@ import numpy as np
 import torch
 import yaml
 
+from dlm.config import RUN_ONLY_MODEL_KEYS
 from dlm.errors import UserError
 from dlm.modeling.hf_io import fsync_tree
 from dlm.modeling.hf_sources import (
@@ -191,7 +192,7 @@ class Checkpointer:
         for section in ("model", "tokenizer"):
             before, now = saved.get(section, {}), resolved_config.get(section, {})
             for key in sorted(set(before) | set(now)):
-                if key in ("attention", "compile", "init_from", "init_from_format"):
+                if key in ("attention", "compile") or key in RUN_ONLY_MODEL_KEYS:
                     # kernels may change between runs; the weights do not depend on them, nor, once a
                     # checkpoint exists, on where the run's first weights came from
                     continue
