@@ -13,7 +13,8 @@ content hash), per data file:
   would cover on the same true lengths, averaged over 20 draws: the spread a predictor needs for the goal.
 
 Each line gives the best coverage within the target mean budget / true length over a fine grid of q
-(:func:`dlm.evaluation.length.best_operating_point`, the same search as the report's).
+(:func:`dlm.evaluation.length.best_operating_point`, the same search as the report's) and, as the report's
+"q fixed in advance" column does, with each fold's q picked on the other folds (:func:`cross_fitted_point`).
 
     .venv/bin/python benchmarks/length_baselines.py --model runs/sft-length \\
         --data ../shared/data/sft/alpaca_en_demo.json --data ../shared/data/sft/gsm8k_train.jsonl
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from _env import environment
 
-from dlm.evaluation.length import EvalExample, best_operating_point, read_examples
+from dlm.evaluation.length import EvalExample, best_operating_point, cross_fitted_point, read_examples
 from dlm.generation import budget_from_bound, load_for_generation
 
 _WORD = re.compile(r"[a-z]+")
@@ -120,29 +121,34 @@ def main() -> None:
         ridge = RidgeBaseline(train, args.lam)
         centres, lengths = ridge.predict(held), np.array([e.length for e in held], dtype=float)
         residuals = ridge.residuals
-        point = best_operating_point(
-            lambda q: _budgets(centres + np.quantile(residuals, q), lo, hi), lengths.tolist(), target)
+        def at(q: float, centres: np.ndarray = centres, residuals: np.ndarray = residuals) -> list[int]:
+            return _budgets(centres + np.quantile(residuals, q), lo, hi)
+
         results[Path(data).name] = {"train": len(train), "held_out": len(held), "spread": float(residuals.std()),
-                                    "ridge": point}
+                                    "ridge": best_operating_point(at, lengths.tolist(), target),
+                                    "ridge_cross_fitted": cross_fitted_point(at, lengths.tolist(), target)}
         all_centres.append(centres)
         all_residuals.append(residuals)
         all_lengths.append(lengths)
     # the mix at one q per file's own residual quantile, as a single predictor would be read
     lengths = np.concatenate(all_lengths)
-    mixed = best_operating_point(
-        lambda q: [b for c, r in zip(all_centres, all_residuals) for b in _budgets(c + np.quantile(r, q), lo, hi)],
-        lengths.tolist(), target)
-    results["all files"] = {"held_out": len(lengths), "ridge": mixed}
+    def mixed_at(q: float) -> list[int]:
+        return [b for c, r in zip(all_centres, all_residuals) for b in _budgets(c + np.quantile(r, q), lo, hi)]
+
+    results["all files"] = {"held_out": len(lengths), "ridge": best_operating_point(mixed_at, lengths.tolist(), target),
+                            "ridge_cross_fitted": cross_fitted_point(mixed_at, lengths.tolist(), target)}
     sigmas = [float(s) for s in args.sigmas.split(",")]
     calibrated = {s: _calibrated(lengths, s, target, lo, hi) for s in sigmas}
 
     print(f"best coverage at mean budget / true ≤ {target:g}, held-out split of {args.model}\n")
-    print("| data | train | held-out | ridge residual spread (log2) | ridge baseline |\n|---|---|---|---|---|")
+    print("| data | train | held-out | ridge residual spread (log2) | ridge baseline | q fixed in advance (5-fold) |"
+          "\n|---|---|---|---|---|---|")
     for name, r in results.items():
         spread = f"{r['spread']:.2f}" if "spread" in r else "–"
-        point = r["ridge"]
-        assert point is None or isinstance(point, dict)
-        print(f"| {name} | {r.get('train', '–')} | {r['held_out']} | {spread} | {_fmt(point)} |")
+        point, cross = r["ridge"], r["ridge_cross_fitted"]
+        assert (point is None or isinstance(point, dict)) and (cross is None or isinstance(cross, dict))
+        held = "–" if cross is None else f"{cross['coverage']:.1%} at {cross['mean_ratio']:.2f}"
+        print(f"| {name} | {r.get('train', '–')} | {r['held_out']} | {spread} | {_fmt(point)} | {held} |")
     print("\n| calibrated σ (log2) | " + " | ".join(f"{s:g}" for s in sigmas) + " |")
     print("|---|" + "---|" * len(sigmas))
     print("| coverage at mean ≤ target | " + " | ".join(_fmt(calibrated[s]).split(" (")[0] for s in sigmas) + " |")

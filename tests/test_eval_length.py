@@ -21,7 +21,9 @@ from dlm.evaluation.length import (
     EvalExample,
     LengthReport,
     Readings,
+    best_operating_point,
     coverage_at_ratio,
+    cross_fitted_point,
     evaluate_length,
     first_steps,
     predicted_budgets,
@@ -339,6 +341,27 @@ def test_best_coverage_at_a_target_ratio_on_known_distributions() -> None:
     assert coverage_at_ratio(_bucket_readings([[1.0, 0.0, 0.0]]), [3], ["bucket-head"], 5.0)["bucket-head"] is None
 
 
+def test_cross_fitted_point_scores_each_fold_with_the_q_of_the_others() -> None:
+    """Folds {0, 2} (answers of 20) and {1, 3} (answers of 9); q 0.5 gives 16-token budgets, q 1.0 32-token ones.
+    On all four, only q 0.5 keeps the mean b/L within 2 (half covered). Cross-fitted: the 9-token fold's q is
+    picked on the 20-token fold (1.0: 32 covers 20 at 1.6), the 20-token fold's on the 9-token one (0.5: 16 covers
+    9 at 1.78), so the 20s are missed, the 9s covered at 32 / 9, and the pooled mean lands above the target."""
+    lengths = [20, 9, 20, 9]
+    budgets_at = {0.5: [16] * 4, 1.0: [32] * 4}.__getitem__
+    inside = best_operating_point(budgets_at, lengths, 2.0, qs=(0.5, 1.0))
+    assert inside == {"q": 0.5, "coverage": 0.5, "mean_ratio": pytest.approx((16 / 20 + 16 / 9) / 2)}
+    point = cross_fitted_point(budgets_at, lengths, 2.0, folds=2, qs=(0.5, 1.0))
+    assert point == {"coverage": 0.5, "mean_ratio": pytest.approx((16 / 20 + 32 / 9) / 2), "qs": [0.5, 1.0]}
+    assert point["mean_ratio"] > 2.0
+    # no q of the others fits the target: the fold gets the smallest q
+    tight = cross_fitted_point(budgets_at, lengths, 1.0, folds=2, qs=(0.5, 1.0))
+    assert tight is not None and tight["qs"] == [0.5, 0.5] and tight["coverage"] == 0.5  # the 9s still fit in 16
+    # identical examples: every fold picks the in-sample q, so the two figures agree
+    same = cross_fitted_point(lambda q: [32 if q == 1.0 else 16] * 10, [12] * 10, 2.0, qs=(0.5, 1.0))
+    assert same == {"coverage": 1.0, "mean_ratio": pytest.approx(16 / 12), "qs": [0.5] * 5}
+    assert cross_fitted_point(budgets_at, [12], 2.0) is None
+
+
 def test_report_carries_the_target_ratio_point(runs: dict[str, Path], loaded: LoadedModel,
                                                tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = _eval(runs, loaded, fixed=[16], target_ratio=3.0)
@@ -352,6 +375,11 @@ def test_report_carries_the_target_ratio_point(runs: dict[str, Path], loaded: Lo
             assert point["mean_ratio"] <= 3.0 and all(p["coverage"] <= point["coverage"] for p in within)
     assert "### Best coverage at mean b/L ≤ 3" in report.markdown()
     assert json.loads(json.dumps(report.as_dict()))["frontier"] == report.frontier
+    assert set(report.cross_fitted) == set(report.frontier)
+    folds = min(5, len(report.lengths))
+    assert all(c is not None and len(c["qs"]) == folds for c in report.cross_fitted.values())
+    assert json.loads(json.dumps(report.as_dict()))["cross_fitted"] == report.cross_fitted
+    assert "q fixed in advance (5-fold)" in report.markdown()
     base = ["eval", "length", "--data", str(runs["data"]), "--model", str(runs["head"]), "--device", "cpu"]
     assert main([*base, "--target-ratio", "0.5"]) == 2
     assert "--target-ratio must be >= 1" in capsys.readouterr().err

@@ -16,7 +16,8 @@ rows count it):
 One forward pass per prompt over ``[prompt, W masks]`` (``W`` the head's ``max_len``, else the largest fixed
 canvas) yields the readings of all three predictors, kept as probabilities, so any quantile ``q`` is cheap: the
 coverage-vs-budget curves sweep ``q`` without another pass, and each predictor's best coverage within a target
-mean budget / true length (default 2) is searched on a fine grid of ``q``. Over several data files every method
+mean budget / true length (default 2) is searched on a fine grid of ``q``, both on the scored examples and, as
+a user who fixes ``q`` in advance would get it, cross-fitted over folds. Over several data files every method
 is also scored per file, because a mix's average hides the file the predictors cannot read.
 
 Cost is counted as the sampler counts it: canvas tokens = forward passes × canvas width, summed over a
@@ -66,6 +67,7 @@ SWEEP_QS: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
 # the fine grid the operating point at a target mean budget / true length is searched on
 FRONTIER_QS: tuple[float, ...] = (*(k / 100 for k in range(1, 100)), 0.995, 0.999, 1.0)
 DEFAULT_TARGET_RATIO = 2.0
+CROSS_FIT_FOLDS = 5
 PREDICTORS: tuple[str, ...] = ("zero-shot", "eos-head", "bucket-head")
 DEFAULT_EVAL_FRACTION = 0.05  # DataSection.eval_fraction's default, for runs whose config does not say
 _LM_CHUNK = 128  # canvas positions per LM-head call in the zero-shot reading: [B, 128, V] logits at most
@@ -373,6 +375,7 @@ class LengthReport:
     target_ratio: float = DEFAULT_TARGET_RATIO
     frontier: dict[str, dict[str, float] | None] = field(default_factory=dict)
     frontier_by_source: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
+    cross_fitted: dict[str, dict[str, Any] | None] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult:
         """The result of method ``name`` (``fixed:512``, ``zero-shot``, ``eos-head``, ``bucket-head``, ``oracle``)."""
@@ -446,10 +449,14 @@ class LengthReport:
                          + " |")
         if self.frontier:
             lines += ["", f"### Best coverage at mean b/L ≤ {self.target_ratio:g}", "",
-                      "| predictor | q | coverage | mean b/L |", "|---|---|---|---|"]
+                      f"| predictor | q | coverage | mean b/L | q fixed in advance ({CROSS_FIT_FOLDS}-fold) |",
+                      "|---|---|---|---|---|"]
             for name, point in self.frontier.items():
-                lines.append(f"| {name} | {point['q']:g} | {point['coverage']:.1%} | {point['mean_ratio']:.2f} |"
-                             if point else f"| {name} | – | none within {self.target_ratio:g} | – |")
+                cross = self.cross_fitted.get(name)
+                held = f"{cross['coverage']:.1%} at {cross['mean_ratio']:.2f}" if cross else "–"
+                lines.append(f"| {name} | {point['q']:g} | {point['coverage']:.1%} | {point['mean_ratio']:.2f} | "
+                             f"{held} |" if point else
+                             f"| {name} | – | none within {self.target_ratio:g} | – | {held} |")
             if self.frontier_by_source:
                 files = list(self.frontier_by_source)
                 lines += ["", "Each data file alone (its own q):", "",
@@ -459,7 +466,9 @@ class LengthReport:
                     lines.append(f"| {name} | " + " | ".join(
                         f"{c['coverage']:.1%} at {c['mean_ratio']:.2f} (q {c['q']:g})" if c else "–" for c in cells)
                         + " |")
-            lines += ["", "q is picked on these examples: a point of each predictor's trade-off curve."]
+            lines += ["", "q is picked on these examples: a point of each predictor's trade-off curve. "
+                      f"q fixed in advance: each of {CROSS_FIT_FOLDS} folds scored with the q picked on the others "
+                      "(coverage at the mean b/L it then gets), what a user who sets q before seeing answers gets."]
         sources = list(self.methods[0].by_source)
         if sources:
             counts = {s: int(self.methods[0].by_source[s]["examples"]) for s in sources}
@@ -543,6 +552,37 @@ def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Seque
     """
     return {name: best_operating_point(lambda q: predicted_budgets(readings, name, q)[1], lengths, target)
             for name in methods}
+
+
+def cross_fitted_point(
+    budgets_at: Callable[[float], Sequence[int]], lengths: Sequence[int], target: float,
+    folds: int = CROSS_FIT_FOLDS, qs: Sequence[float] = FRONTIER_QS,
+) -> dict[str, Any] | None:
+    """The target-ratio operating point as a user who must fix q before seeing the answers gets it.
+
+    :func:`best_operating_point` picks q on the very examples it scores, which flatters the figure. Here the
+    examples are dealt into ``folds`` folds (example ``i`` to fold ``i % folds``, so every file of a mix is in
+    every fold); each fold gets the q that :func:`best_operating_point` picks on the other folds (the smallest
+    q when none of theirs fits the target), and coverage and mean budget / true length are read off the
+    pooled budgets. The mean may land above ``target``: that is the honest price of choosing q in advance.
+    Returns ``{coverage, mean_ratio, qs}`` (the q of each fold), or None with fewer than 2 examples.
+    """
+    n = len(lengths)
+    folds = min(folds, n)
+    if folds < 2:
+        return None
+    at = {q: list(budgets_at(q)) for q in qs}
+    budgets = [0] * n
+    chosen = []
+    for k in range(folds):
+        fit = [i for i in range(n) if i % folds != k]
+        point = best_operating_point(lambda q: [at[q][i] for i in fit], [lengths[i] for i in fit], target, qs)
+        q = point["q"] if point is not None else min(qs)
+        chosen.append(q)
+        for i in range(k, n, folds):
+            budgets[i] = at[q][i]
+    m = _coverage_metrics(budgets, lengths)
+    return {"coverage": m["coverage"], "mean_ratio": m["mean_ratio"], "qs": chosen}
 
 
 def _source_groups(examples: Sequence[EvalExample]) -> dict[str, list[int]]:
@@ -659,7 +699,8 @@ def evaluate_length(
     ``median_ratio`` (budget / true length), ``bucket_accuracy`` (budget in the true length's power-of-two
     bucket over the head's buckets), ``mean_budget``, and ``est_canvas_tokens`` (see the module docstring).
     ``frontier``: each predictor's best coverage with a mean budget / true length within ``target_ratio``
-    (:func:`coverage_at_ratio`); with several files, every method's metrics per file too (``by_source``).
+    (:func:`coverage_at_ratio`) and ``cross_fitted`` the same with q chosen on other folds
+    (:func:`cross_fitted_point`); with several files, every method's metrics per file too (``by_source``).
     A model without a length head still gets the fixed, zero-shot and oracle methods, with a note.
     """
     _check_args(q, fixed, limit, batch_size, steps_per_token, target_ratio)
@@ -710,6 +751,8 @@ def evaluate_length(
         sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
         target_ratio=target_ratio, frontier=coverage_at_ratio(readings, lengths, predictors, target_ratio),
         frontier_by_source=frontier_by_source,
+        cross_fitted={name: cross_fitted_point(lambda q, name=name: predicted_budgets(readings, name, q)[1],
+                                               lengths, target_ratio) for name in predictors},
     )
 
 
