@@ -9,6 +9,9 @@ content hash), per data file:
   numbers it holds, and the words seen in at least 3 training prompts), fitted on the train split; the bound
   at quantile q adds the q-quantile of its 5-fold cross-validated residuals, then rounds up to a power of two
   exactly as the head's bound does. ``spread`` is the residuals' standard deviation in log2 units.
+- ``spread within halves``: the standard deviation of log2(answer length) over the train split's answers
+  shorter than ``--split-at`` tokens and over the rest: how much is left to predict for a model that knows
+  exactly which half every answer falls in.
 - ``calibrated σ``: what a perfectly calibrated log-normal predictor with residual spread σ (log2 units)
   would cover on the same true lengths, averaged over 20 draws: the spread a predictor needs for the goal.
 
@@ -108,6 +111,7 @@ def main() -> None:
     parser.add_argument("--min-budget", type=int, default=16)
     parser.add_argument("--max-budget", type=int, default=512)
     parser.add_argument("--sigmas", default="0.3,0.4,0.5,0.6,0.8,1.0,1.4")
+    parser.add_argument("--split-at", type=int, default=128, help="the length that splits answers into halves")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = parser.parse_args()
 
@@ -124,7 +128,11 @@ def main() -> None:
         def at(q: float, centres: np.ndarray = centres, residuals: np.ndarray = residuals) -> list[int]:
             return _budgets(centres + np.quantile(residuals, q), lo, hi)
 
+        logs = np.log2([e.length for e in train])
+        short, long = logs[logs < math.log2(args.split_at)], logs[logs >= math.log2(args.split_at)]
+        halves = [float(h.std()) if len(h) > 1 else float("nan") for h in (short, long)]
         results[Path(data).name] = {"train": len(train), "held_out": len(held), "spread": float(residuals.std()),
+                                    "spread_within_halves": halves, "halves": [len(short), len(long)],
                                     "ridge": best_operating_point(at, lengths.tolist(), target),
                                     "ridge_cross_fitted": cross_fitted_point(at, lengths.tolist(), target)}
         all_centres.append(centres)
@@ -149,6 +157,13 @@ def main() -> None:
         assert (point is None or isinstance(point, dict)) and (cross is None or isinstance(cross, dict))
         held = "–" if cross is None else f"{cross['coverage']:.1%} at {cross['mean_ratio']:.2f}"
         print(f"| {name} | {r.get('train', '–')} | {r['held_out']} | {spread} | {_fmt(point)} | {held} |")
+    print(f"\n| data (train split) | answers < {args.split_at} / ≥ {args.split_at} | log2 spread within each half |"
+          "\n|---|---|---|")
+    for name, r in results.items():
+        if "halves" in r:
+            n, sd = r["halves"], r["spread_within_halves"]
+            assert isinstance(n, list) and isinstance(sd, list)
+            print(f"| {name} | {n[0]} / {n[1]} | {sd[0]:.2f} / {sd[1]:.2f} |")
     print("\n| calibrated σ (log2) | " + " | ".join(f"{s:g}" for s in sigmas) + " |")
     print("|---|" + "---|" * len(sigmas))
     print("| coverage at mean ≤ target | " + " | ".join(_fmt(calibrated[s]).split(" (")[0] for s in sigmas) + " |")
