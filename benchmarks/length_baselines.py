@@ -8,7 +8,9 @@ content hash), per data file:
 - ``ridge``: a ridge regression of log2(answer length) on the prompt's surface (log2 prompt tokens, how many
   numbers it holds, and the words seen in at least 3 training prompts), fitted on the train split; the bound
   at quantile q adds the q-quantile of its 5-fold cross-validated residuals, then rounds up to a power of two
-  exactly as the head's bound does. ``spread`` is the residuals' standard deviation in log2 units.
+  exactly as the head's bound does. ``spread`` is the residuals' standard deviation in log2 units. The mix is
+  read two ways: each file through its own ridge (it knows the file), and through one ridge fitted on all
+  the files, as the head is trained.
 - ``spread within halves``: the standard deviation of log2(answer length) over the train split's answers
   shorter than ``--split-at`` tokens and over the rest: how much is left to predict for a model that knows
   exactly which half every answer falls in.
@@ -119,12 +121,17 @@ def main() -> None:
     lo, hi, target = args.min_budget, args.max_budget, args.target_ratio
     results: dict[str, dict[str, object]] = {}
     all_centres, all_residuals, all_lengths = [], [], []
+    all_train: list[EvalExample] = []
+    all_held: list[EvalExample] = []
     for data in args.data:
         train = read_examples(data, loaded, split="train").examples
         held = read_examples(data, loaded, split="held-out").examples
+        all_train += train
+        all_held += held
         ridge = RidgeBaseline(train, args.lam)
         centres, lengths = ridge.predict(held), np.array([e.length for e in held], dtype=float)
         residuals = ridge.residuals
+
         def at(q: float, centres: np.ndarray = centres, residuals: np.ndarray = residuals) -> list[int]:
             return _budgets(centres + np.quantile(residuals, q), lo, hi)
 
@@ -138,13 +145,26 @@ def main() -> None:
         all_centres.append(centres)
         all_residuals.append(residuals)
         all_lengths.append(lengths)
-    # the mix at one q per file's own residual quantile, as a single predictor would be read
+    # the mix at one q, each file read through its own ridge and residual quantile (so it knows the file)
     lengths = np.concatenate(all_lengths)
+
     def mixed_at(q: float) -> list[int]:
         return [b for c, r in zip(all_centres, all_residuals) for b in _budgets(c + np.quantile(r, q), lo, hi)]
 
-    results["all files"] = {"held_out": len(lengths), "ridge": best_operating_point(mixed_at, lengths.tolist(), target),
-                            "ridge_cross_fitted": cross_fitted_point(mixed_at, lengths.tolist(), target)}
+    results["all files, a ridge per file"] = {
+        "held_out": len(lengths), "ridge": best_operating_point(mixed_at, lengths.tolist(), target),
+        "ridge_cross_fitted": cross_fitted_point(mixed_at, lengths.tolist(), target)}
+    # one ridge fitted on the whole mix, as the head is trained: it must tell the files apart from the words
+    pooled = RidgeBaseline(all_train, args.lam)
+    pooled_centres = pooled.predict(all_held)
+
+    def pooled_at(q: float) -> list[int]:
+        return _budgets(pooled_centres + np.quantile(pooled.residuals, q), lo, hi)
+
+    results["all files, one ridge"] = {
+        "train": len(all_train), "held_out": len(lengths), "spread": float(pooled.residuals.std()),
+        "ridge": best_operating_point(pooled_at, lengths.tolist(), target),
+        "ridge_cross_fitted": cross_fitted_point(pooled_at, lengths.tolist(), target)}
     sigmas = [float(s) for s in args.sigmas.split(",")]
     calibrated = {s: _calibrated(lengths, s, target, lo, hi) for s in sigmas}
 
