@@ -32,7 +32,7 @@ import collections
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,12 @@ def _calibrated(lengths: np.ndarray, sigma: float, target: float, min_budget: in
     return best_operating_point(budgets_at, np.tile(lengths, 20).tolist(), target)
 
 
+def _points(budgets_at: Callable[[float], list[int]], lengths: np.ndarray, target: float) -> dict[str, object]:
+    """The best point at ``target`` with q picked on these examples, and with q fixed in advance (5-fold)."""
+    return {"ridge": best_operating_point(budgets_at, lengths.tolist(), target),
+            "ridge_cross_fitted": cross_fitted_point(budgets_at, lengths.tolist(), target)}
+
+
 def _fmt(point: dict[str, float] | None) -> str:
     return "–" if point is None else f"{point['coverage']:.1%} at {point['mean_ratio']:.2f} (q {point['q']:g})"
 
@@ -140,8 +146,7 @@ def main() -> None:
         halves = [float(h.std()) if len(h) > 1 else float("nan") for h in (short, long)]
         results[Path(data).name] = {"train": len(train), "held_out": len(held), "spread": float(residuals.std()),
                                     "spread_within_halves": halves, "halves": [len(short), len(long)],
-                                    "ridge": best_operating_point(at, lengths.tolist(), target),
-                                    "ridge_cross_fitted": cross_fitted_point(at, lengths.tolist(), target)}
+                                    **_points(at, lengths, target)}
         all_centres.append(centres)
         all_residuals.append(residuals)
         all_lengths.append(lengths)
@@ -151,9 +156,7 @@ def main() -> None:
     def mixed_at(q: float) -> list[int]:
         return [b for c, r in zip(all_centres, all_residuals) for b in _budgets(c + np.quantile(r, q), lo, hi)]
 
-    results["all files, a ridge per file"] = {
-        "held_out": len(lengths), "ridge": best_operating_point(mixed_at, lengths.tolist(), target),
-        "ridge_cross_fitted": cross_fitted_point(mixed_at, lengths.tolist(), target)}
+    results["all files, a ridge per file"] = {"held_out": len(lengths), **_points(mixed_at, lengths, target)}
     # one ridge fitted on the whole mix, as the head is trained: it must tell the files apart from the words
     pooled = RidgeBaseline(all_train, args.lam)
     pooled_centres = pooled.predict(all_held)
@@ -163,8 +166,7 @@ def main() -> None:
 
     results["all files, one ridge"] = {
         "train": len(all_train), "held_out": len(lengths), "spread": float(pooled.residuals.std()),
-        "ridge": best_operating_point(pooled_at, lengths.tolist(), target),
-        "ridge_cross_fitted": cross_fitted_point(pooled_at, lengths.tolist(), target)}
+        **_points(pooled_at, lengths, target)}
     sigmas = [float(s) for s in args.sigmas.split(",")]
     calibrated = {s: _calibrated(lengths, s, target, lo, hi) for s in sigmas}
 

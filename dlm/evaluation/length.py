@@ -30,6 +30,7 @@ accuracy (:func:`dlm.evaluation.synthetic.check`).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import statistics
@@ -541,6 +542,11 @@ def best_operating_point(
     return best
 
 
+def _budgets_by_q(readings: Readings, method: str) -> Callable[[float], Sequence[int]]:
+    """``q -> budgets`` of predictor ``method``, each q computed once however many searches read it."""
+    return functools.cache(lambda q: predicted_budgets(readings, method, q)[1])
+
+
 def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Sequence[str], target: float
                       ) -> dict[str, dict[str, float] | None]:
     """Each predictor's operating point at mean budget / true length ``target`` (:func:`best_operating_point`
@@ -550,8 +556,7 @@ def coverage_at_ratio(readings: Readings, lengths: Sequence[int], methods: Seque
     on the scored examples themselves, so it reads as a point of the predictor's trade-off curve, as an ROC
     point does, not as a promise for that q on other data.
     """
-    return {name: best_operating_point(lambda q: predicted_budgets(readings, name, q)[1], lengths, target)
-            for name in methods}
+    return {name: best_operating_point(_budgets_by_q(readings, name), lengths, target) for name in methods}
 
 
 def cross_fitted_point(
@@ -726,6 +731,7 @@ def evaluate_length(
         methods.append(MethodResult(name, rule, budgets, True, width, prediction_tokens=width * len(examples),
                                     prediction_seconds=seconds))
     methods.append(_oracle(lengths))
+    budgets_at = {name: _budgets_by_q(readings, name) for name in predictors}  # shared by both target searches
     groups = _source_groups(examples)
     several_files = len(groups) > 1
     frontier_by_source = {
@@ -749,10 +755,9 @@ def evaluate_length(
         model=str(loaded.directory), layout=source.layout, template=source.template, synthetic=source.synthetic,
         q=q, width=width, steps_per_token=steps_per_token, lengths=lengths, methods=methods,
         sweep=_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
-        target_ratio=target_ratio, frontier=coverage_at_ratio(readings, lengths, predictors, target_ratio),
-        frontier_by_source=frontier_by_source,
-        cross_fitted={name: cross_fitted_point(lambda q, name=name: predicted_budgets(readings, name, q)[1],
-                                               lengths, target_ratio) for name in predictors},
+        target_ratio=target_ratio, frontier_by_source=frontier_by_source,
+        frontier={name: best_operating_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
+        cross_fitted={name: cross_fitted_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
     )
 
 
