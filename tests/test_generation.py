@@ -1,5 +1,6 @@
-"""Generation: parity with LLaDA's reference sampler step by step, budgets (parsing, rounding, prediction,
-extension), stop at EOS, per-sample cost accounting, left padding, loading a run and the CLI."""
+"""Generation: budgets (parsing, rounding, prediction, extension), stop at EOS and LLaDA's EOS options,
+per-sample cost accounting, left padding, loading a run and the CLI. Parity with LLaDA's reference sampler is
+``tests/test_llada_sampler_parity.py``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from safetensors.torch import save_model
 from torch import Tensor, nn
@@ -29,92 +28,11 @@ from dlm.generation import (
     generate_text,
     load_for_generation,
     next_power_of_two,
-    num_transfer_tokens,
     parse_length,
 )
 from dlm.modeling import DiffusionTransformer, LengthHead, LengthHeadConfig, build_model, preset
 
 VOCAB, MASK, EOS = 64, 63, 62
-
-# ================================================================================ the reference (LLaDA)
-# A straight transcription of LLaDA's published generate.py (GSAI-ML/LLaDA), changed only to draw its noise
-# from an explicit generator, to call our model's forward + logits, and to record what each step commits.
-
-
-def ref_add_gumbel_noise(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
-    if temperature == 0:
-        return logits
-    logits = logits.to(torch.float64)
-    noise = torch.rand(logits.shape, dtype=torch.float64, generator=generator)
-    gumbel_noise = (-torch.log(noise)) ** temperature
-    return logits.exp() / gumbel_noise
-
-
-def ref_get_num_transfer_tokens(mask_index: Tensor, steps: int) -> Tensor:
-    mask_num = mask_index.sum(dim=1, keepdim=True)
-    base = mask_num // steps
-    remainder = mask_num % steps
-    num_transfer_tokens = torch.zeros(mask_num.size(0), steps, dtype=torch.int64) + base
-    for i in range(mask_num.size(0)):
-        num_transfer_tokens[i, : remainder[i]] += 1
-    return num_transfer_tokens
-
-
-@torch.no_grad()
-def ref_generate(
-    model: Any, prompt: Tensor, steps: int, gen_length: int, block_length: int, temperature: float,
-    cfg_scale: float, remasking: str, mask_id: int, generator: torch.Generator | None,
-) -> tuple[Tensor, list[list[tuple[list[int], list[int]]]]]:
-    """LLaDA's sampler; also returns, per step, per row, the committed (canvas positions, tokens)."""
-    history: list[list[tuple[list[int], list[int]]]] = []
-    x = torch.full((prompt.shape[0], prompt.shape[1] + gen_length), mask_id, dtype=torch.long)
-    x[:, : prompt.shape[1]] = prompt.clone()
-    prompt_index = x != mask_id
-    assert gen_length % block_length == 0
-    num_blocks = gen_length // block_length
-    assert steps % num_blocks == 0
-    steps = steps // num_blocks
-    for num_block in range(num_blocks):
-        block_mask_index = (
-            x[:, prompt.shape[1] + num_block * block_length : prompt.shape[1] + (num_block + 1) * block_length]
-            == mask_id
-        )
-        num_transfer_tokens = ref_get_num_transfer_tokens(block_mask_index, steps)
-        for i in range(steps):
-            mask_index = x == mask_id
-            if cfg_scale > 0.0:
-                un_x = x.clone()
-                un_x[prompt_index] = mask_id
-                x_ = torch.cat([x, un_x], dim=0)
-                logits = model.logits(model(x_))
-                logits, un_logits = torch.chunk(logits, 2, dim=0)
-                logits = un_logits + (cfg_scale + 1) * (logits - un_logits)
-            else:
-                logits = model.logits(model(x))
-            logits_with_noise = ref_add_gumbel_noise(logits, temperature=temperature, generator=generator)
-            x0 = torch.argmax(logits_with_noise, dim=-1)
-            if remasking == "low_confidence":
-                p = F.softmax(logits.to(torch.float64), dim=-1)
-                x0_p = torch.squeeze(torch.gather(p, dim=-1, index=torch.unsqueeze(x0, -1)), -1)
-            elif remasking == "random":
-                x0_p = torch.rand((x0.shape[0], x0.shape[1]), generator=generator)
-            else:
-                raise NotImplementedError(remasking)
-            x0_p[:, prompt.shape[1] + (num_block + 1) * block_length :] = -np.inf
-            x0 = torch.where(mask_index, x0, x)
-            confidence = torch.where(mask_index, x0_p, -np.inf)
-            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
-            for j in range(confidence.shape[0]):
-                _, select_index = torch.topk(confidence[j], k=int(num_transfer_tokens[j, i]))
-                transfer_index[j, select_index] = True
-            x[transfer_index] = x0[transfer_index]
-            step = []
-            for j in range(x.shape[0]):
-                cols = transfer_index[j].nonzero().flatten()
-                step.append(((cols - prompt.shape[1]).tolist(), x[j, cols].tolist()))
-            history.append(step)
-    return x, history
-
 
 # ================================================================================ helpers
 
@@ -131,10 +49,6 @@ def tiny_model(seed: int = 0, **overrides: Any) -> DiffusionTransformer:
 def recorder() -> tuple[dict[int, list[StepRecord]], Any]:
     records: dict[int, list[StepRecord]] = defaultdict(list)
     return records, lambda r: records[r.sample].append(r)
-
-
-def per_sample(history: list[list[tuple[list[int], list[int]]]], row: int) -> list[tuple[list[int], list[int]]]:
-    return [step[row] for step in history]
 
 
 class Scripted(nn.Module):
@@ -167,67 +81,7 @@ class Scripted(nn.Module):
         return hidden
 
 
-# ================================================================================ parity with the reference
-
-PARITY_CASES = [
-    # (gen_length, block_length, steps, temperature, cfg_scale, remasking)
-    (16, 16, 16, 0.0, 0.0, "low_confidence"),   # one token per step, one block
-    (16, 16, 5, 0.0, 0.0, "low_confidence"),    # uneven plan: 4, 3, 3, 3, 3
-    (16, 8, 8, 0.0, 0.0, "low_confidence"),     # two semi-AR blocks, two tokens per step
-    (16, 4, 8, 0.0, 0.0, "low_confidence"),     # four blocks
-    (16, 8, 16, 0.0, 1.5, "low_confidence"),    # classifier-free guidance
-    (16, 16, 16, 1.0, 0.0, "low_confidence"),   # Gumbel noise
-    (16, 4, 8, 0.7, 0.5, "low_confidence"),     # noise + guidance + blocks
-    (16, 16, 8, 0.0, 0.0, "random"),            # random remasking
-    (16, 8, 8, 1.0, 1.0, "random"),             # random remasking with noise and guidance
-]
-
-
-@pytest.mark.parametrize(("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking"), PARITY_CASES)
-def test_commits_match_llada_reference_step_by_step(
-    gen_length: int, block_length: int, steps: int, temperature: float, cfg_scale: float, remasking: str
-) -> None:
-    model = tiny_model()
-    prompts = torch.randint(0, EOS, (3, 6), generator=torch.Generator().manual_seed(1))
-    ref_x, history = ref_generate(
-        model, prompts, steps, gen_length, block_length, temperature, cfg_scale, remasking, MASK,
-        torch.Generator().manual_seed(7),
-    )
-    records, on_step = recorder()
-    result = generate(
-        model, prompts, mask_id=MASK, eos_id=EOS, length=gen_length, steps=steps,
-        block_length=block_length if block_length != gen_length else None, temperature=temperature,
-        cfg_scale=cfg_scale, remasking=remasking,  # type: ignore[arg-type]
-        generator=torch.Generator().manual_seed(7), stop_at_eos=False, on_step=on_step,
-    )
-    for row in range(prompts.shape[0]):
-        ours = [(r.positions, r.tokens) for r in records[row]]
-        assert [r.step for r in records[row]] == list(range(steps))
-        assert ours == per_sample(history, row), f"row {row} diverged from the reference"
-        assert result.canvases[row] == ref_x[row, prompts.shape[1] :].tolist()
-        assert result.steps[row] == steps
-    assert result.forward_passes == steps
-
-
-def test_more_steps_than_positions_skips_only_empty_passes() -> None:
-    model = tiny_model(seed=2)
-    prompts = torch.randint(0, EOS, (2, 5), generator=torch.Generator().manual_seed(3))
-    _, history = ref_generate(model, prompts, 32, 16, 16, 0.0, 0.0, "low_confidence", MASK, None)
-    records, on_step = recorder()
-    result = generate(model, prompts, mask_id=MASK, eos_id=EOS, length=16, steps=32, stop_at_eos=False,
-                      on_step=on_step)
-    for row in range(2):
-        reference = [s for s in per_sample(history, row) if s[0]]
-        assert len(reference) == 16 and [(r.positions, r.tokens) for r in records[row]] == reference
-    assert result.forward_passes == 16  # the reference runs 32, half of them committing nothing
-
-
-def test_num_transfer_tokens_matches_reference() -> None:
-    counts = torch.tensor([0, 1, 7, 16, 33])
-    for steps in (1, 3, 5, 16):
-        ours = num_transfer_tokens(counts, steps)
-        ref = ref_get_num_transfer_tokens(torch.arange(40)[None, :] < counts[:, None], steps)
-        assert torch.equal(ours, ref) and ours.sum(1).tolist() == counts.tolist()
+# ================================================================================ batching and seeds
 
 
 def test_left_padded_batch_matches_each_prompt_alone() -> None:
@@ -279,6 +133,24 @@ def test_an_eos_with_open_positions_before_it_does_not_stop() -> None:
     result = generate(model, [[1, 2, 3, 4]], mask_id=MASK, eos_id=EOS, length=32)
     assert result.answers == [[1, 2, 3, 4, 5]] and result.finished == [True]
     assert result.steps == [32]  # the tail of EOS commits first; the answer positions are still open until the end
+
+
+def test_confidence_eos_eot_inf_commits_the_answer_before_its_eos() -> None:
+    model = Scripted(prompt_len=4, eos_at=5, eos_logit=12.0)  # as above: EOS proposals are the most confident
+    records, on_step = recorder()
+    result = generate(model, [[1, 2, 3, 4]], mask_id=MASK, eos_id=EOS, length=32, confidence_eos_eot_inf=True,
+                      on_step=on_step)
+    # their confidence is 0 now: the answer commits first, left to right, and only then the EOS proposals
+    assert [r.positions for r in records[0][:5]] == [[0], [1], [2], [3], [4]]
+    assert all(r.tokens == [EOS] for r in records[0][5:]) and len(records[0]) > 5
+    assert result.answers == [[1, 2, 3, 4, 5]] and result.finished == [True]
+
+
+def test_logits_eos_inf_never_proposes_eos() -> None:
+    result = generate(Scripted(prompt_len=4, eos_at=5), [[1, 2, 3, 4]], mask_id=MASK, eos_id=EOS, length=16,
+                      logits_eos_inf=True)
+    # where the model wants EOS, every other logit is 0 and the argmax is token 0
+    assert result.canvases == [[1, 2, 3, 4, 5] + [0] * 11] and result.finished == [False]
 
 
 def test_finished_samples_leave_the_batch() -> None:
@@ -428,6 +300,31 @@ def test_bad_settings_are_clear_errors(kwargs: dict[str, Any], message: str) -> 
         generate(tiny_model(), [[1, 2]], **{**call, **kwargs})
 
 
+# ================================================================================ canvases and max_seq_len
+
+
+@pytest.mark.parametrize(("positions", "kwargs"), [
+    ("rope", dict(length="fixed:300")),
+    ("learned", dict(length="fixed:300")),
+    ("rope", dict(length=[16], extend=True, max_length=512)),  # an extension may not grow past it either
+])
+def test_a_canvas_above_max_seq_len_is_refused(positions: str, kwargs: dict[str, Any]) -> None:
+    with pytest.raises(GenerationError, match=r"canvas of \d+ positions exceeds this model's max_seq_len 256"):
+        generate(tiny_model(positions=positions), [[1, 2]], mask_id=MASK, eos_id=EOS, steps=1, **kwargs)
+
+
+def test_prompt_plus_canvas_past_max_seq_len() -> None:
+    prompt = list(range(20))  # 20 + 240 = 260 positions, 256 in the model
+    with pytest.raises(GenerationError, match="learned positions stop at 256"):
+        generate(tiny_model(positions="learned"), [prompt], mask_id=MASK, eos_id=EOS, length=240, steps=1)
+    headed = tiny_model(positions="learned", max_seq_len=64, length_head=LengthHeadConfig(max_len=64))
+    with pytest.raises(GenerationError, match="reaches 66 tokens but this model's learned positions stop at 64"):
+        generate(headed, [[1, 2]], mask_id=MASK, eos_id=EOS, length="predicted")  # before the prediction pass
+    # rotary positions extend past max_seq_len: the canvas itself fits, so a long prompt is the user's call
+    result = generate(tiny_model(), [prompt], mask_id=MASK, eos_id=EOS, length=240, steps=2, stop_at_eos=False)
+    assert result.canvas_lengths == [240] and result.forward_tokens == [2 * 260]
+
+
 # ================================================================================ loading and the CLI
 
 
@@ -480,6 +377,9 @@ def test_cli_generate_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["generate", str(tmp_path / "run"), "--prompt", "Hi", "--length", "predicted", "--device", "cpu"]) == 2
     assert "length head" in capsys.readouterr().err
     assert main(["generate", str(tmp_path / "nowhere"), "--prompt", "Hi"]) == 2
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "Hi", "--length", "fixed:4096", "--device", "cpu"]) == 2
+    assert "canvas of 4096 positions exceeds this model's max_seq_len 512" in capsys.readouterr().err
 
 
 def test_max_length_caps_predicted_budgets() -> None:

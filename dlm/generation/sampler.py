@@ -1,14 +1,17 @@
 """LLaDA sampling over per-sample canvases: low-confidence or random remasking, semi-autoregressive blocks,
 unsupervised classifier-free guidance, Gumbel-noise temperature, stop at EOS, budgets that extend.
 
-One denoising step, as in LLaDA's ``generate()``: logits of the canvas (guided when ``cfg_scale > 0``) →
-Gumbel noise (``exp(logits) / (-log u)^temperature`` in float64, ``u`` drawn for the whole row, prompt
-included, so a seeded run consumes random numbers exactly as LLaDA does) → ``x0 = argmax`` → confidence
-(softmax probability of ``x0`` in float64 for ``low_confidence``, uniform noise for ``random``) → positions past
-the current block and already committed positions get ``-inf`` → the ``k`` most confident masked positions
-of each row take their ``x0``, with ``k`` from :func:`num_transfer_tokens`. For one group of equal-length
-prompts and canvases, with ``stop_at_eos=False``, this commits exactly what LLaDA's reference commits, step
-for step (``tests/test_generation.py``).
+One denoising step, as in LLaDA's ``generate()``: logits of the canvas (guided when ``cfg_scale > 0``; the EOS
+logit at ``-inf`` with ``logits_eos_inf``) → Gumbel noise (``exp(logits) / (-log u)^temperature`` in float64,
+``u`` drawn for the whole row, prompt included, so a seeded run consumes random numbers exactly as LLaDA does)
+→ ``x0 = argmax`` → confidence (the softmax probability of ``x0`` in the logits' own dtype for
+``low_confidence``, as the reference computes it, so a bf16 model ranks with bf16 probabilities and their ties;
+``confidence_dtype`` picks another; uniform noise for ``random``) → positions past the current block and
+already committed positions get ``-inf`` → the ``k`` most confident masked positions of each row take their
+``x0``, with ``k`` from :func:`num_transfer_tokens`, ranked over the whole row with the prompt at ``-inf`` as
+the reference ranks them (``topk`` breaks ties by position in the row it is given). For one group of
+equal-length prompts and canvases, with ``stop_at_eos=False``, this commits exactly what LLaDA's reference
+commits, step for step, in fp32 and in bf16 (``tests/test_llada_sampler_parity.py``).
 
 What differs, on purpose:
 
@@ -22,8 +25,13 @@ What differs, on purpose:
 - **Extension.** When a canvas is fully committed without an EOS and extension is on, it grows to the next
   power of two (capped at ``max_length``) and the new masked tail is denoised as further blocks, at the same
   steps-per-token rate as the sample's first canvas.
-- **No empty passes.** A block never gets more steps than it has positions; LLaDA would run the extra steps
-  as passes that commit nothing.
+- **Empty passes skip the model.** With more steps than a block has positions, LLaDA runs the extra steps as
+  passes that commit nothing. The sampler does not run the model for them, but it still draws the noise those
+  passes draw (temperature > 0, random remasking), so a seeded run with ``steps`` above the canvas keeps
+  LLaDA's random stream into the next block. Extension tails never get more steps than positions.
+- **``confidence_eos_eot_inf`` at temperature > 0.** LLaDA writes the EOS ``-inf`` into the noised logits,
+  which its softmax does not read once they are a float64 copy; dlm lowers both EOS and EOT as the option
+  says. At temperature 0 (one tensor in the reference) the two agree.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from dlm.generation.budget import (
 from dlm.generation.rows import Denoiser, canvas_logits, model_device, pack_rows
 
 Remasking = Literal["low_confidence", "random"]
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 Block = tuple[int, int, int]  # (start, end, steps) in canvas positions
 LengthArg = int | str | LengthSpec | Sequence[int] | Callable[[list[int]], int]
 
@@ -110,21 +119,32 @@ def num_transfer_tokens(mask_counts: Tensor, steps: int) -> Tensor:
     return plan
 
 
-def block_schedule(start: int, end: int, steps: int, block_length: int | None) -> tuple[Block, ...]:
-    """Blocks of ``block_length`` (the whole span when None) over canvas positions ``[start, end)``.
-
-    Each block gets its proportional share of ``steps``, rounded, at least 1 and at most its size: equal
-    blocks with ``steps`` divisible by their number get ``steps // n_blocks`` each, as in LLaDA; a last block
-    that is shorter gets fewer.
-    """
+def _block_shares(start: int, end: int, steps: int, block_length: int | None) -> list[Block]:
+    """Blocks of ``block_length`` (the whole span when None) over ``[start, end)``, each with its proportional
+    share of ``steps``, rounded and at least 1 (``steps // n_blocks`` for equal blocks, as in LLaDA)."""
     span = end - start
     size = min(block_length or span, span)
     blocks = []
     for b0 in range(start, end, size):
         b1 = min(b0 + size, end)
-        share = (steps * (b1 - b0) + span // 2) // span
-        blocks.append((b0, b1, max(1, min(share, b1 - b0))))
-    return tuple(blocks)
+        blocks.append((b0, b1, max(1, (steps * (b1 - b0) + span // 2) // span)))
+    return blocks
+
+
+def block_schedule(start: int, end: int, steps: int, block_length: int | None) -> tuple[Block, ...]:
+    """Blocks of ``block_length`` (the whole span when None) over canvas positions ``[start, end)``.
+
+    Each block gets its proportional share of ``steps``, rounded, at least 1 and at most its size: equal
+    blocks with ``steps`` divisible by their number get ``steps // n_blocks`` each, as in LLaDA; a last block
+    that is shorter gets fewer. These are the passes that run the model; :func:`empty_passes` counts the
+    share above a block's size.
+    """
+    return tuple((b0, b1, min(share, b1 - b0)) for b0, b1, share in _block_shares(start, end, steps, block_length))
+
+
+def empty_passes(start: int, end: int, steps: int, block_length: int | None) -> tuple[int, ...]:
+    """Per block of :func:`block_schedule`, the steps above its size: LLaDA's passes that commit nothing."""
+    return tuple(max(0, share - (b1 - b0)) for b0, b1, share in _block_shares(start, end, steps, block_length))
 
 
 @dataclass
@@ -135,6 +155,7 @@ class _Sample:
     budget: int
     steps_per_token: float | None
     schedule: tuple[Block, ...]
+    idle: tuple[int, ...]  # per block, the empty passes whose noise is drawn after its real steps
     steps: int = 0
     forward_tokens: int = 0
     canvas_tokens: int = 0
@@ -142,8 +163,8 @@ class _Sample:
     finished: bool = False
 
     @property
-    def key(self) -> tuple[int, tuple[Block, ...]]:
-        return int(self.canvas.numel()), self.schedule
+    def key(self) -> tuple[int, tuple[Block, ...], tuple[int, ...]]:
+        return int(self.canvas.numel()), self.schedule, self.idle
 
 
 @dataclass
@@ -160,38 +181,67 @@ class _Context:
     on_step: Callable[[StepRecord], None] | None
     device: torch.device
     shift: bool = False
+    logits_eos_inf: bool = False
+    confidence_eos_eot_inf: bool = False
+    eot_id: int | None = None
+    confidence_dtype: torch.dtype | None = None
     passes: int = field(default=0)
+    vocab: int | None = None  # the logits' width, known after the first model pass
+
+
+def _noise(n: int, width: int, vocab: int, ctx: _Context) -> tuple[Tensor | None, Tensor | None]:
+    """The random numbers one pass draws, in LLaDA's order: Gumbel uniforms ``[n, width, V]`` (float64) when
+    ``temperature > 0``, then ``[n, width]`` uniforms as random-remasking confidence."""
+    u = None
+    if ctx.temperature > 0:
+        u = torch.rand((n, width, vocab), dtype=torch.float64, generator=ctx.generator, device=ctx.device)
+    r = torch.rand((n, width), generator=ctx.generator, device=ctx.device) if ctx.remasking == "random" else None
+    return u, r
+
+
+def _without(logits: Tensor, ids: list[int]) -> Tensor:
+    """``logits`` with the columns ``ids`` at ``-inf`` (a copy: a model may hand out a tensor it keeps)."""
+    return logits.index_fill(-1, torch.tensor(ids, device=logits.device), -math.inf)
 
 
 def _step(samples: list[_Sample], k: Tensor, block_end: int, ctx: _Context) -> None:
     """One denoising step for a group of samples sharing canvas length and block: commit ``k[j]`` tokens."""
     rows = pack_rows([s.prompt for s in samples], [s.canvas for s in samples], ctx.pad_id)
     logits = canvas_logits(ctx.model, rows, cfg_scale=ctx.cfg_scale, mask_id=ctx.mask_id, shift=ctx.shift)
+    if ctx.logits_eos_inf:
+        logits = _without(logits, [ctx.eos_id])
     ctx.passes += 1
+    ctx.vocab = int(logits.shape[-1])
     n, width = rows.input_ids.shape
     start = rows.prompt_width
-    if ctx.temperature > 0:
-        u = torch.rand((n, width, logits.shape[-1]), dtype=torch.float64, generator=ctx.generator, device=ctx.device)
+    u, r = _noise(n, width, ctx.vocab, ctx)
+    if u is not None:
         gumbel = (-torch.log(u[:, start:])) ** ctx.temperature
         x0 = (logits.to(torch.float64).exp() / gumbel).argmax(dim=-1)
     else:
         x0 = logits.argmax(dim=-1)
-    if ctx.remasking == "low_confidence":
-        probs = F.softmax(logits.to(torch.float64), dim=-1)
-        confidence = torch.gather(probs, -1, x0.unsqueeze(-1)).squeeze(-1)
+    if r is None:
+        scored = logits
+        if ctx.confidence_eos_eot_inf:
+            scored = _without(logits, [ctx.eos_id] + ([] if ctx.eot_id is None else [ctx.eot_id]))
+        if ctx.confidence_dtype is not None:
+            scored = scored.to(ctx.confidence_dtype)
+        confidence = torch.gather(F.softmax(scored, dim=-1), -1, x0.unsqueeze(-1)).squeeze(-1)
     else:
-        confidence = torch.rand((n, width), generator=ctx.generator, device=ctx.device)[:, start:]
+        confidence = r[:, start:]
     canvas = rows.input_ids[:, start:]
     masked = canvas == ctx.mask_id
-    confidence[:, block_end:] = -math.inf
-    confidence = torch.where(masked, confidence, -math.inf)
+    masked[:, block_end:] = False
+    # The reference ranks whole rows, prompt at -inf: topk's choice among tied confidences depends on the row.
+    ranked = torch.full((n, width), -math.inf, dtype=confidence.dtype, device=confidence.device)
+    ranked[:, start:] = torch.where(masked, confidence, -math.inf)
     # Never more than the open positions of the block (LLaDA's plans never ask for more; this keeps topk from
     # ever picking a -inf, i.e. already committed, position).
-    k = torch.minimum(k.to(confidence.device), torch.isfinite(confidence).sum(dim=1))
+    k = torch.minimum(k.to(ranked.device), masked.sum(dim=1))
     commit = torch.zeros_like(masked)
     for j, kj in enumerate(k.tolist()):
         if kj > 0:
-            commit[j, torch.topk(confidence[j], k=kj).indices] = True
+            commit[j, torch.topk(ranked[j], k=kj).indices - start] = True
     canvas = torch.where(commit, x0, canvas)
 
     guided = 2 if ctx.cfg_scale > 0 else 1
@@ -205,6 +255,12 @@ def _step(samples: list[_Sample], k: Tensor, block_end: int, ctx: _Context) -> N
         s.canvas_tokens += int(canvas.shape[1]) * guided
     if ctx.stop_at_eos:
         _stop_at_eos(samples, canvas, ctx)
+
+
+def _empty_pass(samples: list[_Sample], vocab: int, ctx: _Context) -> None:
+    """A step that commits nothing: no model call, only the noise LLaDA's pass would draw for these rows."""
+    width = max(int(s.prompt.numel()) for s in samples) + int(samples[0].canvas.numel())
+    _noise(len(samples), width, vocab, ctx)
 
 
 def _first_eos(canvas: Tensor, eos_id: int) -> Tensor:
@@ -229,22 +285,23 @@ def _stop_at_eos(samples: list[_Sample], canvas: Tensor, ctx: _Context) -> None:
 
 def _run_group(group: list[_Sample], ctx: _Context) -> None:
     """Run the (shared) block schedule of a group of samples, dropping samples as they finish."""
-    for b0, b1, bsteps in group[0].schedule:
+    for (b0, b1, bsteps), idle in zip(group[0].schedule, group[0].idle):
         live = [s for s in group if not s.done]
         if not live:
             break
         counts = torch.stack([(s.canvas[b0:b1] == ctx.mask_id).sum() for s in live])
-        plan = num_transfer_tokens(counts, bsteps)
-        for i in range(bsteps):
+        plan = num_transfer_tokens(counts, bsteps + idle)
+        for i in range(bsteps + idle):
             rows = [j for j, s in enumerate(live) if not s.done]
             if not rows:
                 break
             k = plan[rows, i]
-            if int(k.sum()) == 0:
-                continue
-            _step([live[j] for j in rows], k, b1, ctx)
+            if int(k.sum()) == 0 and ctx.vocab is not None:
+                _empty_pass([live[j] for j in rows], ctx.vocab, ctx)
+            else:
+                _step([live[j] for j in rows], k, b1, ctx)
     for s in group:
-        s.schedule = ()
+        s.schedule, s.idle = (), ()
 
 
 def _settle(s: _Sample, *, extend: bool, max_length: int, block_length: int | None, mask_id: int, eos_id: int) -> bool:
@@ -263,6 +320,7 @@ def _settle(s: _Sample, *, extend: bool, max_length: int, block_length: int | No
     s.canvas = torch.cat([s.canvas, torch.full((tail,), mask_id, dtype=torch.long, device=s.canvas.device)])
     steps = tail if s.steps_per_token is None else max(1, math.ceil(s.steps_per_token * tail))
     s.schedule = block_schedule(old, grown, steps, block_length)
+    s.idle = (0,) * len(s.schedule)  # a tail has no reference run whose random stream it must keep
     return True
 
 
@@ -281,7 +339,8 @@ def _prompt_tensors(prompts: Sequence[Sequence[int]] | Tensor, prompt_mask: Tens
 
 
 def _check_settings(steps: int | None, block_length: int | None, temperature: float, remasking: str,
-                    cfg_scale: float, mask_id: int, eos_id: int, batch_size: int | None) -> None:
+                    cfg_scale: float, mask_id: int, eos_id: int, batch_size: int | None, *,
+                    confidence_eos_eot_inf: bool, confidence_dtype: torch.dtype | None) -> None:
     problems = []
     if steps is not None and steps < 1:
         problems.append(f"steps must be >= 1, got {steps}")
@@ -297,8 +356,39 @@ def _check_settings(steps: int | None, block_length: int | None, temperature: fl
         problems.append(f"mask_id and eos_id must differ, both are {mask_id}")
     if batch_size is not None and batch_size < 1:
         problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if confidence_eos_eot_inf and remasking == "random":
+        problems.append("confidence_eos_eot_inf lowers low_confidence remasking's probabilities, and random "
+                        "remasking has none: use remasking low_confidence or drop the option")
+    if confidence_dtype is not None and confidence_dtype not in _FLOAT_DTYPES:
+        problems.append(f"confidence_dtype must be a floating dtype (or None: the logits' dtype), got {confidence_dtype}")
     if problems:
         raise GenerationError("; ".join(problems))
+
+
+def _check_fits(model: Denoiser, prompts: list[Tensor], largest_canvas: int) -> None:
+    """Refuse a canvas longer than any row the model was built for, and rows its learned positions cannot index.
+
+    A canvas above ``max_seq_len`` is refused for every model: no training row held such an answer, and with
+    the default one step per position its cost grows as the canvas squared. A RoPE model may still run a long
+    prompt plus a canvas past ``max_seq_len`` (rotary positions extend, as LLaDA's own sampler allows); learned
+    positions stop there.
+    """
+    cfg = getattr(model, "cfg", None)
+    limit = getattr(cfg, "max_seq_len", None)
+    if limit is None:
+        return
+    if largest_canvas > limit:
+        raise GenerationError(
+            f"a canvas of {largest_canvas} positions exceeds this model's max_seq_len {limit}; use a length "
+            f"(--length fixed:N) and max_length (--max-length) of at most {limit}"
+        )
+    if getattr(cfg, "positions", None) == "learned":
+        longest = max(p.numel() for p in prompts) + largest_canvas
+        if longest > limit:
+            raise GenerationError(
+                f"prompt + canvas reaches {longest} tokens but this model's learned positions stop at "
+                f"{limit}; use shorter prompts or a smaller length/max_length"
+            )
 
 
 def _resolve_budgets(
@@ -310,8 +400,10 @@ def _resolve_budgets(
         spec = parse_length(length)
         if isinstance(spec, FixedLength):
             return [spec.tokens] * len(prompts), None, None
+        head_max = length_head_of(model).cfg.max_len
+        _check_fits(model, prompts, head_max)  # the prediction pass reads [prompt, max_len masks]
         prediction = predict_budgets(model, prompts, spec, mask_id=mask_id, pad_id=pad_id, batch_size=batch_size)
-        return prediction.budgets, prediction, length_head_of(model).cfg.max_len
+        return prediction.budgets, prediction, head_max
     if isinstance(length, int):
         budgets = [length] * len(prompts)
     elif callable(length):
@@ -323,17 +415,6 @@ def _resolve_budgets(
     if any(b < 1 for b in budgets):
         raise GenerationError(f"every canvas needs at least 1 position, got budgets {budgets}")
     return budgets, None, None
-
-
-def _check_fits(model: Denoiser, prompts: list[Tensor], max_canvas: int) -> None:
-    cfg = getattr(model, "cfg", None)
-    if getattr(cfg, "positions", None) == "learned":
-        longest = max(p.numel() for p in prompts) + max_canvas
-        if longest > cfg.max_seq_len:  # type: ignore[union-attr]
-            raise GenerationError(
-                f"prompt + canvas reaches {longest} tokens but this model's learned positions stop at "
-                f"{cfg.max_seq_len}; use shorter prompts or a smaller length/max_length"  # type: ignore[union-attr]
-            )
 
 
 @torch.no_grad()
@@ -359,6 +440,10 @@ def generate(
     batch_size: int | None = None,
     on_step: Callable[[StepRecord], None] | None = None,
     shift: bool = False,
+    logits_eos_inf: bool = False,
+    confidence_eos_eot_inf: bool = False,
+    eot_id: int | None = None,
+    confidence_dtype: torch.dtype | None = None,
 ) -> GenerationResult:
     """Sample an answer for every prompt with LLaDA's diffusion sampler (see the module docstring).
 
@@ -375,9 +460,16 @@ def generate(
     left padding, which attention ignores. ``batch_size`` caps the rows per forward pass; ``on_step`` receives
     a :class:`StepRecord` for every sample at every step. ``shift``: the model was trained with
     ``objective.shift`` (an adapted AR model), so position ``i`` is predicted from the state at ``i - 1``.
+
+    LLaDA's EOS options (its Appendix B.4): ``logits_eos_inf`` sets the EOS logit to ``-inf`` before the argmax,
+    so EOS is never proposed; ``confidence_eos_eot_inf`` sets the EOS and ``eot_id`` (end of turn, if given)
+    logits to ``-inf`` in the low-confidence softmax only, so a position proposing them has confidence 0 and
+    ranks below every position proposing another token. ``confidence_dtype`` computes that softmax in
+    another dtype (``torch.float64`` was dlm's earlier default); None keeps the logits' dtype, as LLaDA does.
     """
     started = time.perf_counter()
-    _check_settings(steps, block_length, temperature, remasking, cfg_scale, mask_id, eos_id, batch_size)
+    _check_settings(steps, block_length, temperature, remasking, cfg_scale, mask_id, eos_id, batch_size,
+                    confidence_eos_eot_inf=confidence_eos_eot_inf, confidence_dtype=confidence_dtype)
     device = model_device(model)
     prompt_list = _prompt_tensors(prompts, prompt_mask, device)
     if not prompt_list:
@@ -392,11 +484,11 @@ def generate(
         budgets = [min(b, cap) for b in budgets]  # an explicit max_length also caps the predicted budgets
     if extending and any(b > cap for b in budgets):
         raise GenerationError(f"budgets {budgets} exceed max_length {cap}; raise max_length or lower the budgets")
-    _check_fits(model, prompt_list, max(cap, *budgets))
+    _check_fits(model, prompt_list, max(cap if extending else 0, *budgets))
     if generator is None and seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     ctx = _Context(model, mask_id, eos_id, pad, temperature, remasking, cfg_scale, generator, stop_at_eos,
-                   on_step, device, shift)
+                   on_step, device, shift, logits_eos_inf, confidence_eos_eot_inf, eot_id, confidence_dtype)
 
     samples = []
     for i, (prompt, budget) in enumerate(zip(prompt_list, budgets)):
@@ -405,8 +497,9 @@ def generate(
             index=i, prompt=prompt, canvas=torch.full((budget,), mask_id, dtype=torch.long, device=device),
             budget=budget, steps_per_token=None if steps is None else steps / budget,
             schedule=block_schedule(0, budget, n_steps, block_length),
+            idle=empty_passes(0, budget, n_steps, block_length),
         ))
-    queue: dict[tuple[int, tuple[Block, ...]], list[_Sample]] = {}
+    queue: dict[tuple[int, tuple[Block, ...], tuple[int, ...]], list[_Sample]] = {}
     for s in samples:
         queue.setdefault(s.key, []).append(s)
     while queue:
