@@ -89,8 +89,11 @@ def dlm_config_json(cfg: TransformerConfig, ids: Mapping[str, int | None], dtype
 
 
 def check_llada_compatible(cfg: TransformerConfig) -> None:
-    """Refuse architectures LLaDA's block cannot express (its MLP is always gated, its norm here is RMS)."""
+    """Refuse architectures LLaDA's code cannot run: its MLP is always gated, its norm here is RMS, its LM head
+    has no bias, and its forward asserts RoPE (``config.rope: false`` loads, then every call fails)."""
     problems = []
+    if cfg.positions != "rope":
+        problems.append(f"positions={cfg.positions} (LLaDA's forward asserts 'Rope must be used')")
     if cfg.mlp != "swiglu":
         problems.append(f"mlp={cfg.mlp} (LLaDA's llama block always gates its MLP: swiglu)")
     if cfg.norm != "rms":
