@@ -198,7 +198,7 @@ def _add_data_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from dlm.generation import generate_text, load_for_generation, parse_length
+    from dlm.generation import CONFIDENCE_DTYPES, generate_text, load_for_generation, parse_length
 
     loaded = load_for_generation(args.run_dir, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
     length = parse_length(args.length or ("predicted:0.9" if loaded.model.length_head is not None else "fixed:256"))
@@ -214,6 +214,9 @@ def _generate(args: argparse.Namespace) -> int:
         cfg_scale=args.cfg_scale,
         max_length=args.max_length,
         seed=args.seed,
+        logits_eos_inf=args.logits_eos_inf,
+        confidence_eos_eot_inf=args.confidence_eos_eot_inf,
+        confidence_dtype=CONFIDENCE_DTYPES[args.confidence_dtype],
     )
     if args.json:
         fields = {"budget": "budgets", "canvas_length": "canvas_lengths", "finished": "finished", "steps": "steps",
@@ -250,6 +253,11 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     gen.add_argument("--remasking", choices=["low_confidence", "random"], default="low_confidence")
     gen.add_argument("--max-length", type=int, default=None, help="largest canvas an extension may grow to")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
+    gen.add_argument("--logits-eos-inf", action="store_true", help="never propose EOS (LLaDA's logits_eos_inf)")
+    gen.add_argument("--confidence-eos-eot-inf", action="store_true",
+                     help="EOS and <|eot_id|> proposals get confidence 0, so they commit last (LLaDA's option)")
+    gen.add_argument("--confidence-dtype", choices=["logits", "fp32", "fp64"], default="logits",
+                     help="dtype of the low-confidence softmax (default: the logits', as LLaDA computes it)")
     gen.add_argument("--template", choices=["raw", "plain", "chat"], default=None,
                      help="prompt format (default: the run's SFT template, raw text for pretraining runs)")
     gen.add_argument("--tokenizer", default=None, help="tokenizer directory or name (default: the run's)")

@@ -25,6 +25,7 @@ from dlm.generation import (
     budget_from_bound,
     extend_budget,
     generate,
+    eot_id_of,
     generate_text,
     load_for_generation,
     next_power_of_two,
@@ -368,6 +369,34 @@ def test_cli_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
                  "--device", "cpu"]) == 0
     captured = capsys.readouterr()
     assert "forward tokens" in captured.err and "fixed:16" in captured.err
+
+
+def test_cli_generate_passes_llada_s_sampler_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_run(tmp_path / "run", sft=False)
+    seen: list[dict[str, Any]] = []
+
+    def spy(loaded: Any, prompts: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs)
+        return generate_text(loaded, prompts, **kwargs)
+
+    monkeypatch.setattr("dlm.generation.generate_text", spy)
+    argv = ["generate", str(tmp_path / "run"), "--prompt", "Once", "--length", "fixed:8", "--steps", "2",
+            "--device", "cpu", "--json"]
+    assert main(argv + ["--logits-eos-inf", "--confidence-eos-eot-inf", "--confidence-dtype", "fp64"]) == 0
+    assert main(argv) == 0
+    capsys.readouterr()
+    flags = ("logits_eos_inf", "confidence_eos_eot_inf", "confidence_dtype")
+    assert [tuple(k[f] for f in flags) for k in seen] == [(True, True, torch.float64), (False, False, None)]
+
+
+def test_eot_id_is_the_tokenizers_end_of_turn_token(tmp_path: Path) -> None:
+    _write_run(tmp_path / "run")
+    tok = load_for_generation(tmp_path / "run", device="cpu").tokenizer
+    assert eot_id_of(tok) is None  # GPT-2's vocabulary has no <|eot_id|>
+    tok.tokenizer.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    assert eot_id_of(tok) == len(tok.tokenizer) - 1
 
 
 def test_cli_generate_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,11 +12,19 @@ from dlm.generation.budget import (
     parse_length,
     predict_budgets,
 )
-from dlm.generation.loading import LoadedModel, encode_prompt, generate_text, load_for_generation
+from dlm.generation.loading import (
+    CONFIDENCE_DTYPES,
+    LoadedModel,
+    encode_prompt,
+    eot_id_of,
+    generate_text,
+    load_for_generation,
+)
 from dlm.generation.sampler import GenerationResult, StepRecord, block_schedule, generate, num_transfer_tokens
 
 __all__ = [
     "BudgetPrediction",
+    "CONFIDENCE_DTYPES",
     "FixedLength",
     "GenerationResult",
     "LengthSpec",
@@ -26,6 +34,7 @@ __all__ = [
     "block_schedule",
     "budget_from_bound",
     "encode_prompt",
+    "eot_id_of",
     "extend_budget",
     "generate",
     "generate_text",

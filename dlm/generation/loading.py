@@ -28,6 +28,9 @@ from dlm.modeling.hf_export import resolve_source
 PromptTemplate = Literal["raw", "plain", "chat"]
 _RUN_CONFIG = "config.yaml"
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# ``confidence_dtype`` by name (``dlm generate --confidence-dtype``): "logits" keeps the logits' dtype
+CONFIDENCE_DTYPES: dict[str, torch.dtype | None] = {"logits": None, "fp32": torch.float32, "fp64": torch.float64}
+EOT_TOKEN = "<|eot_id|>"  # LLaDA's end of turn (126348), the EoT of confidence_eos_eot_inf
 
 
 @dataclass(frozen=True)
@@ -110,17 +113,25 @@ def encode_prompt(loaded: LoadedModel, text: str, template: PromptTemplate | Non
     return prompt_ids.tolist()
 
 
+def eot_id_of(info: TokenizerInfo) -> int | None:
+    """The id of the tokenizer's end-of-turn token (:data:`EOT_TOKEN`), None when its vocabulary has none."""
+    return info.tokenizer.get_vocab().get(EOT_TOKEN)
+
+
 def generate_text(
     loaded: LoadedModel, prompts: Sequence[str], *, template: PromptTemplate | None = None, **kwargs: Any
 ) -> tuple[list[str], GenerationResult]:
     """Generate from text prompts: encode, :func:`~dlm.generation.generate` (``kwargs`` pass through), decode.
 
-    The mask and EOS ids come from the tokenizer unless given in ``kwargs``.
+    The mask and EOS ids come from the tokenizer unless given in ``kwargs``, and so does the end-of-turn id
+    that ``confidence_eos_eot_inf`` lowers with EOS (:data:`EOT_TOKEN`, when the vocabulary has it).
     """
     ids = [encode_prompt(loaded, text, template) for text in prompts]
     kwargs.setdefault("mask_id", loaded.tokenizer.mask_id)
     kwargs.setdefault("eos_id", loaded.tokenizer.eos_id)
     kwargs.setdefault("pad_id", loaded.tokenizer.pad_id)
+    if kwargs.get("confidence_eos_eot_inf"):
+        kwargs.setdefault("eot_id", eot_id_of(loaded.tokenizer))
     kwargs.setdefault("shift", loaded.shift)
     result = generate(loaded.model, ids, **kwargs)
     texts = [str(loaded.tokenizer.tokenizer.decode(answer, skip_special_tokens=False)) for answer in result.answers]
