@@ -98,11 +98,14 @@ def _add_interop_parsers(sub: argparse._SubParsersAction) -> None:  # type: igno
     export.add_argument("--overwrite", action="store_true", help="replace an existing non-empty OUT_DIR")
     export.set_defaults(func=_export)
 
-    imp = sub.add_parser("import", help="turn a Hugging Face LLaDA / LLaMA / GPT-2 / dlm checkpoint into a dlm model")
-    imp.add_argument("source", help="local directory with config.json, safetensors weights and tokenizer files")
+    imp = sub.add_parser(
+        "import", help="turn a Hugging Face LLaDA / LLaMA / GPT-2 / dlm checkpoint or a GGUF file into a dlm model"
+    )
+    imp.add_argument("source", help="local directory with config.json, safetensors weights and tokenizer files; "
+                                    "a .gguf file or a directory holding one; or a packaged GGUF: smollm2-135m")
     imp.add_argument("out_dir", help="new directory for model.safetensors, model_config.json and the tokenizer")
-    imp.add_argument("--from", dest="source_type", choices=["llada", "llama", "gpt2", "dlm"], default=None,
-                     help="expected model_type (default: whatever config.json says)")
+    imp.add_argument("--from", dest="source_type", choices=["llada", "llama", "gpt2", "dlm", "gguf"], default=None,
+                     help="expected model_type, or gguf (default: detected from config.json or the .gguf file)")
     imp.add_argument("--add-mask-token", action="store_true",
                      help="add <|mdm_mask|> (or --mask-token) when the vocabulary has no mask token")
     imp.add_argument("--mask-token", default=None, help="use this token as the mask token")

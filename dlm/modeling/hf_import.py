@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -517,7 +518,25 @@ def import_pretrained(
     ``mask_token`` picks the mask token (an existing token, or a new one with ``add_mask_token``, which adds
     ``<|mdm_mask|>`` when no token is named); ``require_mask`` fails before reading weights when none results;
     ``dtype`` casts the weights (default: keep the stored dtype, so imports are bitwise).
+
+    ``path`` may also name a GGUF file (a ``.gguf`` file, a directory holding one, or a packaged name such as
+    ``smollm2-135m``, see :mod:`dlm.modeling.gguf`): it is dequantized by transformers into a temporary
+    Hugging Face directory and imported from there; ``expect="gguf"`` insists on such a source.
     """
+    from dlm.modeling.gguf import dequantize_gguf, find_gguf
+
+    gguf_file = find_gguf(path)
+    if gguf_file is not None:
+        with tempfile.TemporaryDirectory(prefix="dlm-gguf-") as tmp:
+            done = dequantize_gguf(gguf_file, tmp)
+            result = import_pretrained(
+                tmp, expect=None if expect == "gguf" else expect, add_mask_token=add_mask_token,
+                mask_token=mask_token, require_mask=require_mask, dtype=dtype,
+            )
+        result.actions.insert(0, done)
+        return result
+    if expect == "gguf":
+        raise InteropError(f"{path} is not a GGUF file, nor a directory holding one; drop --from gguf")
     directory = Path(path)
     model_type, hf = detect_model_type(directory)
     if expect is not None and expect != model_type:
