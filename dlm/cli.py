@@ -372,9 +372,33 @@ def _add_launch_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore
     launch.set_defaults(func=_launch)
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """A sub-command parser whose positionals may come before, between and after its flags.
+
+    Plain argparse fills ``overrides`` (``nargs="*"``) with the words right after CONFIG and refuses any that
+    follow a flag: ``dlm train CONFIG --resume auto run.steps=5`` was "unrecognized arguments". Intermixed
+    parsing reads the flags first and then the remaining words as positionals. A parser that itself has
+    sub-commands (``dlm data``, ``dlm eval``) cannot be parsed that way and keeps argparse's usual parsing.
+    """
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        nested = any(a.nargs in (argparse.PARSER, argparse.REMAINDER) for a in self._get_positional_actions())
+        if nested or self._intermixing:  # intermixed parsing calls back in here (Python < 3.13)
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dlm", description="Train masked diffusion language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_IntermixedParser)
 
     train = sub.add_parser("train", help="train in this process from a YAML config")
     train.add_argument("config", help="YAML run config, e.g. configs/smoke.yaml")
