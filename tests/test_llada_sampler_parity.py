@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dlm.errors import GenerationError
-from dlm.generation import StepRecord, generate, num_transfer_tokens
+from dlm.generation import GenerationResult, StepRecord, generate, num_transfer_tokens
 from tests.test_generation import EOS, MASK, recorder, tiny_model
 
 EOT = 61  # stands for LLaDA's <|eot_id|> (126348) in the 64-token test vocabulary; EOS stands for 126081
@@ -138,7 +138,7 @@ def prompts_of(seed: int, rows: int = 3, width: int = 6) -> Tensor:
 def run_both(
     model: nn.Module, prompts: Tensor, *, gen_length: int, block_length: int, steps: int, temperature: float,
     cfg_scale: float, remasking: str, ref_options: dict[str, Any] | None = None, **ours: Any,
-) -> tuple[Tensor, History, Any, dict[int, list[StepRecord]]]:
+) -> tuple[Tensor, History, GenerationResult, dict[int, list[StepRecord]]]:
     """The reference and our sampler from the same seed: (reference x, its history, our result, our records)."""
     ref_x, history = ref_generate(
         model, prompts, steps, gen_length, block_length, temperature, cfg_scale, remasking, MASK,
@@ -154,7 +154,7 @@ def run_both(
     return ref_x, history, result, records
 
 
-def assert_same_steps(prompts: Tensor, ref_x: Tensor, history: History, result: Any,
+def assert_same_steps(prompts: Tensor, ref_x: Tensor, history: History, result: GenerationResult,
                       records: dict[int, list[StepRecord]]) -> None:
     """Every row commits what the reference commits at every step that commits anything, and ends the same."""
     for row in range(prompts.shape[0]):
