@@ -11,7 +11,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from dlm.errors import UserError
+from dlm.errors import TrainingStopped, UserError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -426,6 +426,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except TrainingStopped as exc:
+        print(f"dlm: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except UserError as exc:
         print(f"dlm: {exc}", file=sys.stderr)
         return 2

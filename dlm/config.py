@@ -392,6 +392,9 @@ class CheckpointSection(Section):
     keep_last: int = Field(2, ge=2, description="complete checkpoints kept; at least 2 so one always survives")
     resume: Optional[str] = Field(None, description="auto (newest of this run, if any) or a checkpoint path")
     save_final: bool = True
+    on_signal: bool = Field(
+        True, description="on SIGTERM/SIGINT, save a checkpoint at the end of the current step and stop"
+    )
 
 
 class WandbSection(Section):

@@ -19,3 +19,15 @@ class TokenizerError(UserError):
 
 class GenerationError(UserError):
     """A generation request cannot be served: a bad length spec or sampler setting, or a model without a head."""
+
+
+class TrainingStopped(UserError):
+    """A run stopped on request (SIGTERM or SIGINT) after saving a checkpoint at a step boundary.
+
+    Not a failure: the message says where the checkpoint is and how to continue. The CLI exits with the
+    shell's code for the signal (128 + its number), which schedulers read as "terminated", not "crashed".
+    """
+
+    def __init__(self, message: str, signum: int = 15) -> None:
+        super().__init__(message)
+        self.signum = signum

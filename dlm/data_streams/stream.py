@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import signal
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -223,7 +224,11 @@ class TrainStream:
         extra: dict[str, Any] = {}
         if self.num_workers > 0:
             # fork: workers inherit the opened source and tokenizer instead of re-importing everything.
-            extra = {"prefetch_factor": self.prefetch_factor, "multiprocessing_context": "fork"}
+            extra = {
+                "prefetch_factor": self.prefetch_factor,
+                "multiprocessing_context": "fork",
+                "worker_init_fn": _ignore_stop_signals,
+            }
         with warnings.catch_warnings():
             # torchdata 0.11 calls a torch API that torch 2.13 deprecates; nothing for a user to act on.
             warnings.filterwarnings("ignore", message=".*set_vital.*is deprecated")
@@ -445,3 +450,11 @@ def build_pretrain_stream(
     )
     return TrainStream(spec, micro_batch_size=micro_batch_size, seq_len=data.seq_len, num_workers=workers,
                        eval_set=eval_set, worker_batches=data.worker_batches)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers leave SIGINT/SIGTERM to the training process: a Ctrl-C or a scheduler's SIGTERM reaches the
+    whole process group, and a worker that died of it would fail the loader before the training loop could
+    save its checkpoint. The loader still ends its workers on close, and they exit when the trainer dies."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)

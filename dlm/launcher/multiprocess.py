@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,8 +18,9 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from dlm.config import RunConfig
-from dlm.errors import UserError
+from dlm.errors import TrainingStopped, UserError
 from dlm.training.distributed import free_port
+from dlm.training.preemption import forward_signals
 
 
 class WorkerError(RuntimeError):
@@ -50,6 +52,9 @@ def _worker(
 
     try:
         summary = train(validate(tree), hooks=[factory() for factory in hook_factories])
+    except TrainingStopped as exc:
+        results.put(("stopped", local_rank, str(exc.signum), str(exc)))
+        raise SystemExit(128 + exc.signum) from None
     except UserError as exc:
         results.put(("user_error", local_rank, f"{type(exc).__name__}", str(exc)))
         raise SystemExit(2) from None
@@ -67,18 +72,26 @@ def run_multiprocess(cfg: RunConfig, hook_factories: Sequence[HookFactory] = ())
     results = ctx.SimpleQueue()
     tree = cfg.model_dump(mode="json", exclude_unset=True)
     error: BaseException | None = None
+    context = mp.start_processes(
+        _worker,
+        args=(world, free_port(), tree, tuple(hook_factories), results),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
+    # A SIGTERM sent to this process alone (a scheduler, `kill`) must reach every rank, which saves and stops
+    # at the same step; this process waits for them instead of dying first.
+    previous = forward_signals(context.pids) if cfg.checkpoint.on_signal else {}
     try:
-        mp.start_processes(
-            _worker,
-            args=(world, free_port(), tree, tuple(hook_factories), results),
-            nprocs=world,
-            join=True,
-            start_method="spawn",
-        )
+        while not context.join():
+            pass
     except mp.ProcessExitedException as exc:  # a worker exited non-zero or was killed: find out why below
         error = exc
     except mp.ProcessRaisedException as exc:
         error = exc
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     summary: dict[str, Any] | None = None
     failures: list[tuple[str, int, str, Any]] = []
     while True:
@@ -90,6 +103,9 @@ def run_multiprocess(cfg: RunConfig, hook_factories: Sequence[HookFactory] = ())
             summary = payload
         else:
             failures.append((kind, rank, name, payload))
+    for kind, rank, name, payload in sorted(failures, key=lambda failure: failure[1]):
+        if kind == "stopped":  # every rank stopped at the same step after a signal: rank 0's report
+            raise TrainingStopped(payload, int(name))
     for kind, rank, name, payload in failures:
         if kind == "user_error":
             raise _user_error(name, payload)

@@ -37,6 +37,7 @@ import yaml
 
 from dlm.modeling.config import TransformerConfig
 from dlm.modeling.hf_io import WEIGHTS_NAME, CheckpointReader, InteropError, TensorInfo, read_json
+from dlm.modeling.manifest import read_manifest
 
 MODEL_CONFIG_NAME = "model_config.json"
 RUN_CONFIG_NAME = "config.yaml"
@@ -73,19 +74,44 @@ def complete_steps(root: Path) -> list[int]:
     )
 
 
-def newest_checkpoint(root: Path) -> Path | None:
-    """What ``root/latest`` names if that is complete, else the newest complete step directory, else None.
+def committed_at(directory: Path) -> float:
+    """When a checkpoint was committed: its manifest's time, else the mtime of its ``COMPLETE`` marker.
 
-    The fallback matters after a kill between the rename of ``step_N`` and the update of ``latest``, or when
-    ``latest`` names a directory that was pruned or lost.
+    Commit order, not the step number, tells which checkpoint is the newest after a resume from an earlier
+    step: the run went on from there, and its new checkpoints are newer than the higher-numbered ones it left.
     """
-    pointer = root / LATEST_NAME
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if (named / COMPLETE_NAME).is_file():
-            return named
-    steps = complete_steps(root)
-    return root / step_dir_name(steps[-1]) if steps else None
+    manifest = read_manifest(directory)
+    if manifest is not None and isinstance(manifest.get("committed_at"), (int, float)):
+        return float(manifest["committed_at"])
+    marker = directory / COMPLETE_NAME
+    return marker.stat().st_mtime if marker.is_file() else 0.0
+
+
+def checkpoint_candidates(root: Path) -> list[Path]:
+    """The complete checkpoints of ``root``, newest first: what ``latest`` names, then the others in commit
+    order (the step breaks ties).
+
+    ``latest`` alone is not enough after a kill between the rename of ``step_N`` and the update of
+    ``latest``, when ``latest`` names a directory that was pruned or lost, or when the newest checkpoint turns
+    out to be damaged and the one before it is needed.
+    """
+    steps = [root / step_dir_name(step) for step in complete_steps(root)]
+    ordered = sorted(steps, key=lambda path: (committed_at(path), path.name), reverse=True)
+    try:
+        named = root / (root / LATEST_NAME).read_text().strip()
+    except (OSError, UnicodeDecodeError):  # absent or garbage: the commit order alone decides
+        named = None
+    if named is not None and named in ordered:
+        ordered.remove(named)
+        ordered.insert(0, named)
+    return ordered
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    """The first of :func:`checkpoint_candidates`: what ``latest`` names if that is complete, else the most
+    recently committed complete checkpoint, else None."""
+    candidates = checkpoint_candidates(root)
+    return candidates[0] if candidates else None
 
 
 def find_checkpoint(path: Path) -> Path | None:

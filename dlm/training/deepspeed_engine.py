@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ContextManager
@@ -286,9 +287,9 @@ class DeepSpeedEngine:
             loaded, _ = self.ds.load_checkpoint(
                 str(path), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
-        except (OSError, RuntimeError, ValueError, AssertionError) as exc:
+        except (OSError, RuntimeError, ValueError, AssertionError, KeyError, EOFError, pickle.UnpicklingError) as exc:
             raise CheckpointError(
-                f"cannot restore the DeepSpeed state in {path}: {exc}; resume with the same world size and ZeRO "
+                f"cannot restore the DeepSpeed state in {path} ({type(exc).__name__}: {_first_line(exc)}); resume with the same world size and ZeRO "
                 f"stage it was written with, or from an older step"
             ) from None
         if loaded is None:
@@ -327,3 +328,9 @@ class DeepSpeedEngine:
         copy = build_model(self.model.cfg, "meta")  # type: ignore[arg-type]
         copy.load_state_dict(state, assign=True)
         yield copy
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an error's message, so the CLI's report stays one line."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""

@@ -161,13 +161,13 @@ class PlainEngine:
         )
 
     def load_checkpoint(self, path: Path) -> None:
-        from dlm.training.checkpoint import CheckpointError
+        from dlm.training.checkpoint import CheckpointError, load_state
 
         try:
             missing, unexpected = load_model(self.model, str(path / "model.safetensors"), strict=False)
-            state = torch.load(path / "optim.pt", map_location=self.device, weights_only=True)
         except (OSError, RuntimeError, safetensors.SafetensorError) as exc:
             raise CheckpointError(f"cannot read the engine state in {path}: {exc}; resume from an older step") from None
+        state = load_state(path / "optim.pt", map_location=self.device)
         if missing or unexpected:
             raise CheckpointError(
                 f"checkpoint {path} does not match the model: missing {sorted(missing)}, unexpected "

@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +26,18 @@ import torch
 
 from dlm.config import RunConfig, dump_resolved
 from dlm.data_streams import build_pretrain_stream, check_vocab, load_tokenizer, validate_data_source
-from dlm.errors import ConfigError
+from dlm.errors import ConfigError, TrainingStopped
 from dlm.kernels import anneal_ratio
 from dlm.modeling import model_info
-from dlm.training.checkpoint import Checkpointer, rng_state, set_rng_state, step_dir_name
+from dlm.modeling.manifest import checksum_part, manifest_files
+from dlm.training.checkpoint import (
+    Checkpointer,
+    is_disk_full,
+    rng_state,
+    set_rng_state,
+    step_dir_name,
+    verify_checkpoint,
+)
 from dlm.training.distributed import DistContext, init_distributed
 from dlm.training.engine import build_engine, build_training_model, resolve_device
 from dlm.training.curriculum import Curriculum
@@ -35,6 +45,7 @@ from dlm.training.evaluate import evaluate_nelbo
 from dlm.training.hooks import StepInfo, TrainHook
 from dlm.training.metrics import Metrics
 from dlm.training.objective import LENGTH_STATS, T_BUCKETS, NoisedBatch, mask_generator, noise_batch
+from dlm.training.preemption import StopRequest
 from dlm.training.report import plot_loss_curve, save_weights
 
 
@@ -73,6 +84,10 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
         cfg.model.check_init_from()
 
     run_dir = Path(cfg.run.dir)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last)
+    resolved = cfg.resolved()
+    # Before anything is written: a refused resume leaves the run directory as it was, config.yaml included.
+    resume_path = _select_resume(cfg, checkpointer, resolved, ctx)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ctx.is_main:
         dump_resolved(cfg, run_dir)
@@ -85,9 +100,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
     unigram = data.unigram_log_probs() if cfg.model.output_bias_init == "unigram" else None
     engine = build_engine(cfg, build_training_model(cfg, device, ctx.world_size, unigram), device)
     info = model_info(arch, cfg.data.seq_len)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last)
-    resolved = cfg.resolved()
-    resumed = _resume(cfg, checkpointer, resolved, engine, data, ctx)
+    resumed = _resume(resume_path, engine, data, ctx)
     start_step = resumed.get("step", 0)
     # Tokens are counted over all ranks, so FLOPs per token / world size makes TFLOP/s and MFU per device.
     metrics = (
@@ -129,6 +142,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
     batches = iter(data)
     last: dict[str, Any] = {}
     train_seconds = float(resumed.get("train_seconds", 0.0))
+    stop = StopRequest(cfg.checkpoint.on_signal).__enter__()  # left in the finally below
     try:
         for step in range(start_step + 1, cfg.run.steps + 1):
             step_start = time.perf_counter()
@@ -150,7 +164,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
                 )
                 for index, batch in enumerate(micro)
             ]
-            denominator = _global_normalizers(noised, ctx)
+            denominator, stopping = _global_normalizers(noised, ctx, stop.requested)
             loss = torch.zeros((), device=device)
             bucket_sums = torch.zeros(len(T_BUCKETS), device=device)
             bucket_counts = torch.zeros(len(T_BUCKETS), device=device)
@@ -186,7 +200,7 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
                     hook.on_step_end(done)
             if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
                 run_eval(step)
-            if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0:
+            if stopping or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
                 client_state = {
                     "step": step,
                     "tokens_seen": tokens_seen,
@@ -198,8 +212,16 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
                 saved = _save_checkpoint(ctx, checkpointer, step, engine, client_state, resolved)
                 for hook in hooks:
                     hook.on_checkpoint(step, saved, ctx.is_main)
+            if stopping:
+                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
+                raise TrainingStopped(
+                    f"stopped by {name} after step {step} of {cfg.run.steps}; its checkpoint is {saved}: "
+                    f"continue with --resume auto (or checkpoint.resume=auto)",
+                    stop.signum or signal.SIGTERM,
+                )
         eval_nelbo = run_eval(cfg.run.steps)
     finally:
+        stop.__exit__()
         if metrics is not None:
             metrics.close()
         data.close()
@@ -238,24 +260,30 @@ def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict
     return summary
 
 
-def _global_normalizers(noised: Sequence[NoisedBatch], ctx: DistContext) -> float | torch.Tensor:
-    """The step's diffusion normaliser over all micro-batches and ranks (returned; a device tensor, so no host
-    sync, when there are several ranks), and the length head's global position and row counts, set on each
-    batch's targets. One all-reduce for all three."""
-    local = [sum(n.normalizer for n in noised), 0.0, 0.0]
+def _global_normalizers(
+    noised: Sequence[NoisedBatch], ctx: DistContext, stop_requested: bool = False
+) -> tuple[float | torch.Tensor, bool]:
+    """The step's diffusion normaliser over all micro-batches and ranks (a device tensor, so no host sync, when
+    there are several ranks), the length head's global position and row counts (set on each batch's
+    targets), and whether any rank was asked to stop after this step. One all-reduce for all four; only a
+    stop request read on the host costs a sync, and only when a rank has been signalled or at every step of a
+    job (the flag must be agreed on before any rank decides to save)."""
+    local = [sum(n.normalizer for n in noised), 0.0, 0.0, float(stop_requested)]
     for n in noised:
         if n.length is not None:
             local[1] += n.length.num_positions(n.input_ids.shape[1])
             local[2] += n.length.num_rows
     if ctx.world_size == 1:
-        denominator, positions, rows = local[0], max(local[1], 1.0), max(local[2], 1.0)
+        denominator, positions, rows, stopping = local[0], max(local[1], 1.0), max(local[2], 1.0), stop_requested
     else:
-        summed = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device)).float()
+        summed = ctx.all_reduce_sum(torch.tensor(local, dtype=torch.float64, device=ctx.device))
+        stopping = bool(summed[3].item() > 0)
+        summed = summed.float()
         denominator, positions, rows = summed[0], summed[1].clamp(min=1.0), summed[2].clamp(min=1.0)
     for n in noised:
         if n.length is not None:
             n.length.eos_norm, n.length.bucket_norm = positions, rows
-    return denominator
+    return denominator, stopping
 
 
 def _sum_over_ranks(
@@ -278,43 +306,99 @@ def _save_checkpoint(
     ctx: DistContext, checkpointer: Checkpointer, step: int, engine: Any, client_state: dict[str, Any],
     resolved: dict[str, Any],
 ) -> Path:
-    """One complete checkpoint written by every rank (engine partitions, per-rank client state), committed
-    by rank 0 once all of them are on disk; the directory must be shared by all ranks' nodes."""
+    """One complete checkpoint written by every rank (engine partitions, per-rank client state), checksummed
+    by all ranks in stripes and committed by rank 0; the directory must be shared by all ranks' nodes.
+
+    Each phase ends with every rank learning whether any rank failed, so a failure on one rank (a full disk)
+    stops all of them with the same error instead of leaving the others in a barrier.
+    """
     if ctx.world_size == 1:
         return checkpointer.save(step, engine, client_state, resolved)
     tmp = checkpointer.root / f"{step_dir_name(step)}.tmp"
-    if ctx.is_main:
-        checkpointer.begin(step)
-    ctx.barrier()
-    try:
+
+    def write() -> None:
         engine.save_checkpoint(tmp / "engine")
         Checkpointer.write_client_state(tmp, ctx.rank, client_state)
-        ctx.barrier()
-        if ctx.is_main:
-            checkpointer.commit(tmp, step, resolved)
-    except BaseException:
-        if ctx.is_main:
-            checkpointer.abort(tmp)
-        raise
-    ctx.barrier()
+
+    _on_every_rank(ctx, checkpointer, tmp, step, lambda: checkpointer.begin(step) if ctx.is_main else None)
+    _on_every_rank(ctx, checkpointer, tmp, step, write)
+    names = ctx.all_gather_object(manifest_files(tmp) if ctx.is_main else None)[0]
+    stripes = ctx.all_gather_object(
+        _on_every_rank(ctx, checkpointer, tmp, step, lambda: checksum_part(tmp, names, (ctx.rank, ctx.world_size)))
+    )
+    checksums = {name: entry for stripe in stripes for name, entry in stripe.items()}
+    _on_every_rank(
+        ctx, checkpointer, tmp, step, lambda: checkpointer.commit(tmp, step, resolved, checksums) if ctx.is_main else None
+    )
     return checkpointer.root / step_dir_name(step)
 
 
-def _resume(
-    cfg: RunConfig, checkpointer: Checkpointer, resolved: dict[str, Any], engine: Any, data: Any, ctx: DistContext
-) -> dict[str, Any]:
-    """Restore engine, data position and RNGs from ``checkpoint.resume``; the client state, or {} for a fresh run.
+def _on_every_rank(ctx: DistContext, checkpointer: Checkpointer, tmp: Path, step: int, action: Any) -> Any:
+    """Run one phase of a save on this rank, then agree with the others on whether every rank succeeded.
+
+    On any failure rank 0 removes the half-written directory and every rank raises: a full disk anywhere as
+    the one-line :class:`~dlm.training.checkpoint.CheckpointError`, otherwise the failing rank its own error
+    and the others an error naming it.
+    """
+    error: BaseException | None = None
+    result = None
+    try:
+        result = action()
+    except Exception as exc:
+        error = exc
+    report = None if error is None else (is_disk_full(error, checkpointer.root), f"{type(error).__name__}: {error}")
+    failures = [(rank, r) for rank, r in enumerate(ctx.all_gather_object(report)) if r is not None]
+    if not failures:
+        return result
+    if ctx.is_main:
+        checkpointer.abort(tmp)
+    if any(full for _, (full, _) in failures):
+        raise checkpointer.disk_full_error(step) from None
+    if error is not None:
+        raise error
+    rank, (_, message) = failures[0]
+    raise RuntimeError(f"rank {rank} failed while saving the checkpoint of step {step}: {message}")
+
+
+def _select_resume(
+    cfg: RunConfig, checkpointer: Checkpointer, resolved: dict[str, Any], ctx: DistContext
+) -> Path | None:
+    """The checkpoint ``checkpoint.resume`` names, intact and fitting this config; None for a fresh run.
+
+    Every rank checks its stripe of the checkpoint's manifest and they share their findings, so all ranks
+    choose the same checkpoint (``auto`` skips a damaged one for the one before it) and only rank 0 warns.
+    """
+    if not cfg.checkpoint.resume:
+        return None
+
+    def problems(path: Path) -> list[str]:
+        found = verify_checkpoint(path, (ctx.rank, ctx.world_size))
+        return [p for part in ctx.all_gather_object(found) for p in part]
+
+    path = checkpointer.select(cfg.checkpoint.resume, problems, warn=None if ctx.is_main else lambda line: None)
+    if path is not None:
+        Checkpointer.check_compatible(path, resolved)
+        if ctx.is_main and checkpointer.foreign:
+            steps = ", ".join(step_dir_name(s) for s in sorted(checkpointer.foreign))
+            print(
+                f"dlm: note: {steps} are newer than {path.name} and belong to the run it branched from; they are "
+                f"kept (never pruned) until a save of the same step replaces them",
+                file=sys.stderr,
+                flush=True,
+            )
+    return path
+
+
+def _resume(path: Path | None, engine: Any, data: Any, ctx: DistContext) -> dict[str, Any]:
+    """Restore engine, data position and RNGs from the checkpoint at ``path``; the client state, or {} for a
+    fresh run.
 
     The mask draw needs no state (it is a function of seed and step), so restoring these is all it takes
     for the resumed run to repeat the uninterrupted one bit for bit. Every rank restores its own data
     position and RNGs (``client_rank{r}.pt``); the engine load is collective.
     """
-    if not cfg.checkpoint.resume:
-        return {}
-    path = checkpointer.resolve(cfg.checkpoint.resume)
     if path is None:
         return {}
-    Checkpointer.check_compatible(path, resolved)
     engine.load_checkpoint(path / "engine")
     client = Checkpointer.read_client_state(path, ctx.rank)
     data.load_state_dict(client["data"])

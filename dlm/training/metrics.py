@@ -11,6 +11,8 @@ achieved FLOP/s by the device's dense bf16 peak from :data:`PEAK_TFLOPS`, or by 
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,29 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
 
 
+def read_records(path: Path, warn: bool = False) -> list[dict[str, Any]]:
+    """The records of a ``metrics.jsonl``, skipping lines that are not whole JSON records with a step.
+
+    A kill while a line is being appended leaves it torn; the records before it are intact and are what a
+    plot, a resume or a reader wants. ``warn`` says once on stderr how many lines were skipped.
+    """
+    if not path.is_file():
+        return []
+    records, skipped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif line.strip():
+            skipped += 1
+    if skipped and warn:
+        print(f"dlm: warning: {path}: skipped {skipped} torn or malformed line(s)", file=sys.stderr, flush=True)
+    return records
+
+
 class Metrics:
     """Accumulates per-step values on the device and emits a record every ``logging.every`` steps."""
 
@@ -74,11 +99,12 @@ class Metrics:
         self._reset_window()
 
     def _truncate_after(self, step: int) -> None:
-        """Keep only records up to ``step``: after a resume, steps past the checkpoint are logged again."""
-        kept = []
-        if step > 0 and self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Keep only records up to ``step``: after a resume, steps past the checkpoint are logged again. A line
+        torn by a crash mid-write is dropped here (with a warning) rather than kept to break every reader."""
+        kept = [r for r in read_records(self.path, warn=True) if r["step"] <= step] if step > 0 else []
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(record) + "\n" for record in kept))
+        os.replace(tmp, self.path)
 
     @staticmethod
     def _init_wandb(cfg: RunConfig, run_dir: Path) -> Any:

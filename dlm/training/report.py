@@ -14,6 +14,7 @@ from safetensors.torch import save_model  # noqa: E402
 from torch import nn  # noqa: E402
 
 from dlm.modeling import TransformerConfig  # noqa: E402
+from dlm.training.metrics import read_records  # noqa: E402
 
 
 def save_weights(model: nn.Module, arch: TransformerConfig, run_dir: Path) -> Path:
@@ -34,8 +35,7 @@ def save_weights(model: nn.Module, arch: TransformerConfig, run_dir: Path) -> Pa
 def plot_loss_curve(metrics_path: Path, out: Path, unigram_entropy: float | None = None) -> Path:
     """Training loss per logged step, held-out NELBO points and the unigram baseline on one chart."""
     train_steps, train_loss, eval_steps, eval_loss = [], [], [], []
-    for line in metrics_path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(metrics_path):
         if "loss" in record:
             train_steps.append(record["step"])
             train_loss.append(record["loss"])
