@@ -1,5 +1,5 @@
 """``dlm import`` of GGUF files: logits parity with transformers' own GGUF loader, the ways a source names a
-GGUF (file, directory, packaged wheel), and the one-line refusals.
+GGUF (file, directory, packaged wheel), the one-line refusals, and a training run started from the import.
 
 The GGUF is written here with the ``gguf`` package's ``GGUFWriter``: a two-layer LLaMA with GQA, a tied head,
 F32 tensors and a small byte-level BPE vocabulary in the metadata, the layout SmolLM2's GGUF has (quantized
@@ -24,10 +24,13 @@ from dlm.modeling import DiffusionTransformer, InteropError, TransformerConfig, 
 from dlm.modeling import gguf as dlm_gguf
 from dlm.modeling.hf_import import import_pretrained
 
+from .conftest import ROOT, tiny_overrides
+
 D_MODEL, LAYERS, HEADS, KV_HEADS, FFN, CONTEXT = 32, 2, 4, 2, 48, 64
 MERGES = ["h e", "Ġ t", "Ġt he", "Ġ a", "a t"]
 EOS = "<|endoftext|>"
 TEXT = "the cat ate the hat at the heath"
+SMOKE = str(ROOT / "configs" / "smoke.yaml")
 
 
 def _tokens() -> tuple[list[str], list[int]]:
@@ -196,3 +199,24 @@ def test_gguf_refusals_name_the_problem(tmp_path: Path, tiny_gguf: Path, capsys:
     _fails_with(capsys, ["import", str(hf_dir), str(tmp_path / "o3"), "--from", "gguf"], "is not a GGUF file")
     with pytest.raises(InteropError, match="holds a llama checkpoint, not gpt2"):
         import_pretrained(tiny_gguf, expect="gpt2")
+
+
+def test_a_gguf_import_starts_a_training_run(
+    tmp_path: Path, tiny_gguf: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The import's output is a model.init_from source and a tokenizer: a short real `dlm train` starts from it
+    (the configured model.* being the GGUF's architecture) and moves its weights."""
+    out = tmp_path / "imported"
+    assert main(["import", str(tiny_gguf), str(out), "--add-mask-token"]) == 0
+    arch = TransformerConfig.model_validate_json((out / "model_config.json").read_text())
+    fields = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_hidden", "norm_eps", "rope_theta")
+    model_overrides = [f"model.{k}={getattr(arch, k)}" for k in fields]
+    run_dir = tmp_path / "run"
+    argv = ["train", SMOKE, *tiny_overrides(run_dir, run__steps=2, model__output_bias="false",
+                                           model__output_bias_init="zeros"),
+            f"model.init_from={out}", f"tokenizer.name_or_path={out}", *model_overrides]
+    assert main(argv) == 0
+    assert f"initialised the model from {out} (dlm)" in capsys.readouterr().out
+    start, end = load_file(str(out / "model.safetensors")), load_file(str(run_dir / "model.safetensors"))
+    assert start.keys() == end.keys()
+    assert not torch.equal(start["blocks.0.attn.q_proj.weight"], end["blocks.0.attn.q_proj.weight"])
