@@ -308,3 +308,15 @@ def test_sigterm_to_dlm_launch_stops_every_rank_at_the_same_step(tmp_path: Path)
     assert f"stopped by SIGTERM after step {step} of 40" in err
     manifest = json.loads((saved / MANIFEST_NAME).read_text())
     assert "client_rank00001.pt" in manifest["files"], "rank 1's stripe of checksums reached the manifest"
+
+
+def test_export_refuses_a_damaged_checkpoint(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", SMOKE, *_overrides(run, run__steps=4, checkpoint__save_final=False)]) == 0
+    optim = run / "checkpoints" / "step_000004" / "engine" / "optim.pt"
+    _flip(optim, optim.stat().st_size // 2, size=64)
+    capsys.readouterr()
+    assert main(["export", str(run), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "step_000004 is damaged (engine/optim.pt differs from what was written (checksum mismatch))" in err
+    assert not (tmp_path / "out").exists()

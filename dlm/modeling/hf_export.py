@@ -216,7 +216,7 @@ def export(
     if format not in ("dlm", "llada"):
         raise InteropError(f"export format {format!r} is not supported; allowed: dlm, llada")
     target = EXPORT_DTYPES[dtype]
-    src = resolve_source(source)
+    src = resolve_source(source, verify=True)
     if Path(out_dir).resolve() == src.directory.resolve():
         raise InteropError(f"the export would replace its own source {src.directory}; choose another output directory")
     cfg = src.config

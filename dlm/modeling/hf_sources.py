@@ -37,7 +37,7 @@ import yaml
 
 from dlm.modeling.config import TransformerConfig
 from dlm.modeling.hf_io import WEIGHTS_NAME, CheckpointReader, InteropError, TensorInfo, read_json
-from dlm.modeling.manifest import read_manifest
+from dlm.modeling.manifest import read_manifest, summarize, verify_part
 
 MODEL_CONFIG_NAME = "model_config.json"
 RUN_CONFIG_NAME = "config.yaml"
@@ -291,10 +291,14 @@ def _architecture(raw: Any, where: Path) -> TransformerConfig:
         raise InteropError(f"{where} does not hold a valid dlm model config: {exc}") from exc
 
 
-def _from_checkpoint(step: Path) -> ExportSource:
+def _from_checkpoint(step: Path, verify: bool) -> ExportSource:
     run_config = step / RUN_CONFIG_NAME
     if not run_config.is_file():
         raise InteropError(f"checkpoint {step} lacks {RUN_CONFIG_NAME}; it is not a complete dlm checkpoint")
+    manifest = read_manifest(step) if verify else None
+    problems = verify_part(step, manifest) if manifest is not None else []
+    if problems:
+        raise InteropError(f"checkpoint {step} is damaged ({summarize(problems)}); export or start from another step")
     config = _architecture(_run_config(run_config).get("model"), run_config)
     tokenizer, mask = _tokenizer_of(step)
     engine = step / ENGINE_DIR
@@ -308,13 +312,15 @@ def _from_checkpoint(step: Path) -> ExportSource:
     )
 
 
-def resolve_source(source: str | Path) -> ExportSource:
+def resolve_source(source: str | Path, verify: bool = False) -> ExportSource:
     """Find weights, architecture and tokenizer of a weights directory, a checkpoint, or a run directory.
 
     A directory with ``model.safetensors`` + ``model_config.json`` (a finished run, a `dlm import` output) is
     read as it is; otherwise ``source`` must name a complete checkpoint, a ``checkpoints`` directory or a run
     directory that has one (the newest is taken). The tokenizer is the run's (``tokenizer.name_or_path`` and
     ``mask_token`` of ``config.yaml`` beside the weights or one level up), else tokenizer files beside them.
+    ``verify`` checks a checkpoint against its manifest (a read of every file, optimizer states included: what
+    an export costs anyway, but not what validating a config should).
     """
     path = Path(source)
     directory = path.parent if path.is_file() else path
@@ -325,7 +331,7 @@ def resolve_source(source: str | Path) -> ExportSource:
         return ExportSource(directory, config, tokenizer, mask)
     step = find_checkpoint(directory)
     if step is not None:
-        return _from_checkpoint(step)
+        return _from_checkpoint(step, verify)
     missing = [n for n in (WEIGHTS_NAME, MODEL_CONFIG_NAME) if not (directory / n).is_file()]
     raise NoWeightsError(
         f"{directory} lacks {' and '.join(missing)} and holds no complete checkpoint; pass a run directory of "

@@ -106,3 +106,9 @@ def verify_part(directory: Path, manifest: dict[str, Any], part: tuple[int, int]
         elif file_checksum(path) != want["xxh3_128"]:
             problems.append(f"{name} differs from what was written (checksum mismatch)")
     return problems
+
+
+def summarize(problems: list[str]) -> str:
+    """The first problem, and how many more: one line however many files are damaged."""
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    return problems[0] + more

@@ -65,6 +65,7 @@ from dlm.modeling.manifest import (
     checksum_part,
     manifest_files,
     read_manifest,
+    summarize,
     verify_part,
     write_manifest,
 )
@@ -288,7 +289,7 @@ class Checkpointer:
                 if not found:
                     return self._branch(path)
                 damaged.append(path.name)
-                warn(f"dlm: warning: checkpoint {path} is damaged ({_summary(found)}); trying an older one")
+                warn(f"dlm: warning: checkpoint {path} is damaged ({summarize(found)}); trying an older one")
             if damaged:
                 raise CheckpointError(
                     f"every checkpoint in {self.root} is damaged ({', '.join(damaged)}); restore one from a backup "
@@ -302,7 +303,7 @@ class Checkpointer:
             older = [p.name for p in checkpoint_candidates(path.parent) if p != path]
             hint = f"resume from an older one (e.g. --resume {path.parent / older[0]})" if older else (
                 "restore it from a backup")
-            raise CheckpointError(f"checkpoint {path} is damaged ({_summary(found)}); {hint}")
+            raise CheckpointError(f"checkpoint {path} is damaged ({summarize(found)}); {hint}")
         return self._branch(path)
 
     def _branch(self, path: Path) -> Path:
@@ -356,8 +357,3 @@ class Checkpointer:
                 f"written with or start a new run directory"
             )
 
-
-def _summary(problems: list[str]) -> str:
-    """The first problem, and how many more: one line however many files are damaged."""
-    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
-    return problems[0] + more
