@@ -69,10 +69,11 @@ from dlm.modeling.manifest import (
     verify_part,
     write_manifest,
 )
+from dlm.training.distributed import DistContext
 
 __all__ = [
-    "CheckpointError", "Checkpointer", "is_disk_full", "load_state", "rng_state", "set_rng_state",
-    "step_dir_name", "verify_checkpoint",
+    "CheckpointError", "Checkpointer", "is_disk_full", "load_state", "rng_state", "save_on_every_rank",
+    "select_resume", "set_rng_state", "step_dir_name", "verify_checkpoint",
 ]
 
 # Below this many free bytes a failed write is taken for a full disk: torch.save reports one only as
@@ -357,3 +358,90 @@ class Checkpointer:
                 f"written with or start a new run directory"
             )
 
+
+def save_on_every_rank(
+    ctx: DistContext, checkpointer: Checkpointer, step: int, engine: Any, client_state: dict[str, Any],
+    resolved: dict[str, Any],
+) -> Path:
+    """One complete checkpoint written by every rank (engine partitions, per-rank client state), checksummed
+    by all ranks in stripes and committed by rank 0; the directory must be shared by all ranks' nodes.
+
+    Each phase ends with every rank learning whether any rank failed, so a failure on one rank (a full disk)
+    stops all of them with the same error instead of leaving the others in a barrier.
+    """
+    if ctx.world_size == 1:
+        return checkpointer.save(step, engine, client_state, resolved)
+    tmp = checkpointer.root / f"{step_dir_name(step)}.tmp"
+
+    def write() -> None:
+        engine.save_checkpoint(tmp / "engine")
+        Checkpointer.write_client_state(tmp, ctx.rank, client_state)
+
+    _agree(ctx, checkpointer, tmp, step, lambda: checkpointer.begin(step) if ctx.is_main else None)
+    _agree(ctx, checkpointer, tmp, step, write)
+    names = ctx.all_gather_object(manifest_files(tmp) if ctx.is_main else None)[0]
+    stripes = ctx.all_gather_object(
+        _agree(ctx, checkpointer, tmp, step, lambda: checksum_part(tmp, names, (ctx.rank, ctx.world_size)))
+    )
+    checksums = {name: entry for stripe in stripes for name, entry in stripe.items()}
+    _agree(
+        ctx, checkpointer, tmp, step, lambda: checkpointer.commit(tmp, step, resolved, checksums) if ctx.is_main else None
+    )
+    return checkpointer.root / step_dir_name(step)
+
+
+def _agree(ctx: DistContext, checkpointer: Checkpointer, tmp: Path, step: int, action: Any) -> Any:
+    """Run one phase of a save on this rank, then agree with the others on whether every rank succeeded.
+
+    On any failure rank 0 removes the half-written directory and every rank raises: a full disk anywhere as
+    the one-line :class:`CheckpointError`, otherwise the failing rank its own error
+    and the others an error naming it.
+    """
+    error: BaseException | None = None
+    result = None
+    try:
+        result = action()
+    except Exception as exc:
+        error = exc
+    report = None if error is None else (is_disk_full(error, checkpointer.root), f"{type(error).__name__}: {error}")
+    failures = [(rank, r) for rank, r in enumerate(ctx.all_gather_object(report)) if r is not None]
+    if not failures:
+        return result
+    if ctx.is_main:
+        checkpointer.abort(tmp)
+    if any(full for _, (full, _) in failures):
+        raise checkpointer.disk_full_error(step) from None
+    if error is not None:
+        raise error
+    rank, (_, message) = failures[0]
+    raise RuntimeError(f"rank {rank} failed while saving the checkpoint of step {step}: {message}")
+
+
+def select_resume(
+    resume: str | None, checkpointer: Checkpointer, resolved: dict[str, Any], ctx: DistContext
+) -> Path | None:
+    """The checkpoint ``resume`` (``checkpoint.resume``) names, intact and fitting this config; None for a
+    fresh run.
+
+    Every rank checks its stripe of the checkpoint's manifest and they share their findings, so all ranks
+    choose the same checkpoint (``auto`` skips a damaged one for the one before it) and only rank 0 warns.
+    """
+    if not resume:
+        return None
+
+    def problems(path: Path) -> list[str]:
+        found = verify_checkpoint(path, (ctx.rank, ctx.world_size))
+        return [p for part in ctx.all_gather_object(found) for p in part]
+
+    path = checkpointer.select(resume, problems, warn=None if ctx.is_main else lambda line: None)
+    if path is not None:
+        Checkpointer.check_compatible(path, resolved)
+        if ctx.is_main and checkpointer.foreign:
+            steps = ", ".join(step_dir_name(s) for s in sorted(checkpointer.foreign))
+            print(
+                f"dlm: note: {steps} are newer than {path.name} and belong to the run it branched from; they are "
+                f"kept (never pruned) until a save of the same step replaces them",
+                file=sys.stderr,
+                flush=True,
+            )
+    return path

@@ -34,7 +34,7 @@ from dlm.config import RunConfig
 from dlm.errors import ConfigError
 from dlm.modeling import DiffusionTransformer, TransformerConfig, build_model, param_count
 from dlm.training.distributed import backend_for
-from dlm.training.engine import resolve_precision
+from dlm.training.precision import resolve_precision
 from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss
 from dlm.training.schedule import build_scheduler
 
@@ -184,6 +184,16 @@ def build_partitioned_model(cfg: RunConfig, arch: TransformerConfig, device: tor
 
 class DeepSpeedEngine:
     """A DeepSpeed engine for one rank of a data-parallel group (the process group must exist already)."""
+
+    @classmethod
+    def build_model(
+        cls, cfg: RunConfig, arch: TransformerConfig, device: torch.device, world_size: int
+    ) -> tuple[nn.Module, bool]:
+        """Partitioned under ``zero.Init`` when :func:`uses_zero_init` says so, else built as the plain engine
+        builds it (bit-identical init, which the parity tests rely on)."""
+        if uses_zero_init(cfg, arch):
+            return build_partitioned_model(cfg, arch, device, world_size), True
+        return build_model(arch, device), False
 
     def __init__(self, model: nn.Module, cfg: RunConfig, device: torch.device) -> None:
         import deepspeed

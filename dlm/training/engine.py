@@ -1,7 +1,7 @@
 """The engine interface: what the one training loop needs from whoever owns backward and the optimizer.
 
 The plain-torch engine lives here; the DeepSpeed engine implements the same protocol, so the loop never
-branches on which engine runs it.
+branches on which engine runs it. Which class serves ``engine.kind`` is :mod:`dlm.training.engines`' registry.
 """
 
 from __future__ import annotations
@@ -18,8 +18,13 @@ from safetensors.torch import load_model, save_model
 from torch import Tensor, nn
 
 from dlm.config import RunConfig
+from dlm.modeling import TransformerConfig
+from dlm.training.engines import engine_spec
 from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss
+from dlm.training.precision import resolve_device, resolve_precision
 from dlm.training.schedule import build_scheduler
+
+__all__ = ["Engine", "PlainEngine", "build_engine", "build_training_model", "resolve_device", "resolve_precision"]
 
 
 class Engine(Protocol):
@@ -56,27 +61,12 @@ class Engine(Protocol):
     def gathered_model(self) -> ContextManager[nn.Module]:
         """The model with whole parameters (to save final weights); under ZeRO-3 a collective on every rank."""
 
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` → CUDA when available, else CPU; asking for CUDA without one is a clear error."""
-    from dlm.errors import ConfigError
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("config error: run.device = 'cuda': no CUDA device is visible; use auto or cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype: bf16 on devices that support it when ``auto``; None means plain fp32."""
-    if name == "fp32":
-        return None
-    if name == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+    @classmethod
+    def build_model(
+        cls, cfg: RunConfig, arch: TransformerConfig, device: torch.device, world_size: int
+    ) -> tuple[nn.Module, bool]:
+        """The freshly initialised model this engine will own, and whether it is already partitioned
+        (ZeRO-3 ``zero.Init``), which changes how initial weights are filled in."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -120,6 +110,14 @@ class PlainEngine:
             kind=cfg.schedule.kind,
             min_lr_ratio=cfg.schedule.min_lr_ratio,
         )
+
+    @classmethod
+    def build_model(
+        cls, cfg: RunConfig, arch: TransformerConfig, device: torch.device, world_size: int
+    ) -> tuple[nn.Module, bool]:
+        from dlm.modeling import build_model
+
+        return build_model(arch, device), False
 
     def autocast(self) -> ContextManager[Any]:
         if self.amp_dtype is None:
@@ -226,20 +224,7 @@ def build_training_model(
     ``output_bias`` set to ``unigram_log_probs`` under ``model.output_bias_init: unigram`` (the loop passes the
     train tokens' log frequencies); activation checkpointing applied if asked. Every engine gets its model here, so
     ``init_from`` and the bias initialisation work the same for all of them."""
-    from dlm.modeling import build_model
-
-    arch = cfg.model.resolve()
-    partitioned = False
-    if cfg.engine.kind == "deepspeed":
-        from dlm.training.deepspeed_engine import build_partitioned_model, uses_zero_init
-
-        partitioned = uses_zero_init(cfg, arch)
-        if partitioned:
-            model = build_partitioned_model(cfg, arch, device, world_size)
-        else:
-            model = build_model(arch, device)
-    else:
-        model = build_model(arch, device)
+    model, partitioned = engine_spec(cfg.engine.kind).load().build_model(cfg, cfg.model.resolve(), device, world_size)
     if cfg.model.init_from is not None and not _resumes(cfg):
         cfg.model.check_init_from()  # a source that did not exist at validation time is checked now
         load_initial_weights(model, cfg, partitioned)
@@ -320,8 +305,4 @@ def init_output_bias(model: nn.Module, log_probs: np.ndarray, partitioned: bool 
 
 def build_engine(cfg: RunConfig, model: nn.Module, device: torch.device) -> Engine:
     """The engine named by ``engine.kind`` (DeepSpeed is imported only when asked for: it is slow to import)."""
-    if cfg.engine.kind == "deepspeed":
-        from dlm.training.deepspeed_engine import DeepSpeedEngine
-
-        return DeepSpeedEngine(model, cfg, device)
-    return PlainEngine(model, cfg, device)
+    return engine_spec(cfg.engine.kind).load()(model, cfg, device)  # type: ignore[no-any-return]

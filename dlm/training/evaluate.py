@@ -21,6 +21,7 @@ from typing import Any, ContextManager, Literal
 import torch
 from torch import Tensor, nn
 
+from dlm.training.noise import NoiseSchedule
 from dlm.training.objective import (
     LossParts,
     NoisedBatch,
@@ -37,7 +38,8 @@ def evaluate_nelbo(
     batches: Iterable[dict[str, Tensor]],
     mask_id: int,
     *,
-    eps: float,
+    eps: float = 1e-3,
+    schedule: NoiseSchedule | None = None,
     samples: int,
     seed: int,
     device: torch.device,
@@ -57,12 +59,15 @@ def evaluate_nelbo(
 
     ``loss_fn`` (default: :func:`diffusion_loss` on ``model``) lets an engine run the loss itself: ZeRO-3 can
     gather the partitioned LM head only inside its module's forward (``Engine.loss``).
+    ``schedule`` is training's :class:`~dlm.training.noise.NoiseSchedule` (its ``p_mask`` and weights; the levels
+    are the stratified grid above); without it, the linear schedule with ``eps``.
     ``estimator``: ``count`` (default) or ``t``, see the module docstring. ``max_scored_per_row`` scores a
     uniform sample of at most that many masked positions per row, reweighted (:func:`subsample_scored`): the
     same expectation for a fraction of the LM head's cost on heavily masked rows.
     """
     if estimator not in ("count", "t"):
         raise ValueError(f"estimator must be 'count' or 't', got {estimator!r}")
+    schedule = schedule or NoiseSchedule(eps)
     was_training = model.training
     model.eval()
     total, tokens = 0.0, 0
@@ -78,7 +83,7 @@ def evaluate_nelbo(
         for k in range(samples):
             level = (k + u) / samples
             noised = forward_process(
-                input_ids, mask_id, gen, eps=eps, doc_ids=doc_ids, keep=keep,
+                input_ids, mask_id, gen, schedule=schedule, doc_ids=doc_ids, keep=keep,
                 t=level if estimator == "t" else None, mask_fraction=level if estimator == "count" else None,
             )
             noised.shift = shift

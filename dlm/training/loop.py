@@ -15,9 +15,8 @@ import json
 import os
 import random
 import signal
-import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +28,17 @@ from dlm.data_streams import build_pretrain_stream, check_vocab, load_tokenizer,
 from dlm.errors import ConfigError, TrainingStopped
 from dlm.kernels import anneal_ratio
 from dlm.modeling import model_info
-from dlm.modeling.manifest import checksum_part, manifest_files
-from dlm.training.checkpoint import (
-    Checkpointer,
-    is_disk_full,
-    rng_state,
-    set_rng_state,
-    step_dir_name,
-    verify_checkpoint,
-)
+from dlm.training.checkpoint import Checkpointer, rng_state, save_on_every_rank, select_resume, set_rng_state
 from dlm.training.distributed import DistContext, init_distributed
-from dlm.training.engine import build_engine, build_training_model, resolve_device
+from dlm.training.engine import build_engine, build_training_model
+from dlm.training.engines import engine_spec
+from dlm.training.precision import resolve_device
 from dlm.training.curriculum import Curriculum
 from dlm.training.evaluate import evaluate_nelbo
 from dlm.training.hooks import StepInfo, TrainHook
-from dlm.training.metrics import Metrics
-from dlm.training.objective import LENGTH_STATS, T_BUCKETS, NoisedBatch, mask_generator, noise_batch
+from dlm.training.metrics import Metrics, StepStats
+from dlm.training.noise import NoiseSchedule
+from dlm.training.objective import NoisedBatch, mask_generator, noise_batch
 from dlm.training.preemption import StopRequest
 from dlm.training.report import plot_loss_curve, save_weights
 
@@ -58,206 +52,259 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: RunConfig, hooks: Sequence[TrainHook] = ()) -> dict[str, Any]:
     """Train as configured and return the summary that is also written to ``summary.json``."""
-    ctx = init_distributed(resolve_device(cfg.run.device), require_group=cfg.engine.kind == "deepspeed")
+    ctx = init_distributed(resolve_device(cfg.run.device), require_group=engine_spec(cfg.engine.kind).needs_process_group)
     try:
-        summary = _train(cfg, ctx, hooks)
+        summary = Trainer(cfg, ctx, hooks).fit()
         ctx.barrier()  # no rank tears the group down while another still uses it
         return summary
     finally:
         ctx.close()
 
 
-def _train(cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook]) -> dict[str, Any]:
-    started = time.perf_counter()
-    device = ctx.device
-    if ctx.world_size != cfg.launcher.workers:
-        raise ConfigError(
-            f"config error: launcher.workers = {cfg.launcher.workers} but this job has {ctx.world_size} rank(s); "
-            f"the batch sizes were checked for {cfg.launcher.workers}: use dlm launch --workers "
-            f"{cfg.launcher.workers}, or set launcher.workers={ctx.world_size}"
+class Trainer:
+    """One run on one rank: built by the constructor, trained by :meth:`fit`.
+
+    The constructor checks everything it can before writing anything (tokenizer, vocabulary, data source,
+    ``init_from``, the checkpoint to resume from), then builds data, model, engine and metrics and restores a
+    checkpoint. :meth:`fit` is the loop: :meth:`train_step`, :meth:`maybe_eval`, :meth:`maybe_checkpoint`,
+    and :meth:`finish` writes what a finished run leaves behind.
+    """
+
+    def __init__(self, cfg: RunConfig, ctx: DistContext, hooks: Sequence[TrainHook] = ()) -> None:
+        self.started = time.perf_counter()
+        self.cfg, self.ctx, self.hooks = cfg, ctx, hooks
+        if ctx.world_size != cfg.launcher.workers:
+            raise ConfigError(
+                f"config error: launcher.workers = {cfg.launcher.workers} but this job has {ctx.world_size} "
+                f"rank(s); the batch sizes were checked for {cfg.launcher.workers}: use dlm launch --workers "
+                f"{cfg.launcher.workers}, or set launcher.workers={ctx.world_size}"
+            )
+        self.tokenizer = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.mask_token)
+        self.arch = cfg.model.resolve()
+        check_vocab(self.tokenizer, self.arch.vocab_size)
+        validate_data_source(cfg.data, self.tokenizer)  # a bad path, hub name or shards fail before the run dir exists
+        if not cfg.checkpoint.resume:  # a resumed run reads its own checkpoint, not init_from
+            cfg.model.check_init_from()
+
+        self.run_dir = Path(cfg.run.dir)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.keep_last)
+        self.resolved = cfg.resolved()
+        # Before anything is written: a refused resume leaves the run directory as it was, config.yaml included.
+        resume_path = select_resume(cfg.checkpoint.resume, self.checkpointer, self.resolved, ctx)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if ctx.is_main:
+            dump_resolved(cfg, self.run_dir)
+        seed_everything(cfg.run.seed)
+
+        self.data = build_pretrain_stream(
+            cfg.data, self.tokenizer, seed=cfg.run.seed, micro_batch_size=cfg.run.micro_batch_size, rank=ctx.rank,
+            world_size=ctx.world_size,
         )
-    tokenizer = load_tokenizer(cfg.tokenizer.name_or_path, cfg.tokenizer.mask_token)
-    arch = cfg.model.resolve()
-    check_vocab(tokenizer, arch.vocab_size)
-    validate_data_source(cfg.data, tokenizer)  # fail on a bad path, hub name or shards before the run dir exists
-    if not cfg.checkpoint.resume:  # a resumed run reads its own checkpoint, not init_from
-        cfg.model.check_init_from()
+        unigram = self.data.unigram_log_probs() if cfg.model.output_bias_init == "unigram" else None
+        self.engine = build_engine(cfg, build_training_model(cfg, ctx.device, ctx.world_size, unigram), ctx.device)
+        self.info = model_info(self.arch, cfg.data.seq_len)
+        self.curriculum = Curriculum.from_config(cfg)
+        self.step, self.tokens_seen, self.train_seconds = 0, 0, 0.0
+        if resume_path is not None:
+            self.restore(resume_path)
+        # Tokens are counted over all ranks, so FLOPs per token / world size makes TFLOP/s and MFU per device.
+        self.metrics = (
+            Metrics(cfg, self.run_dir, self.info["flops_per_token"] / ctx.world_size, ctx.device, start_step=self.step)
+            if ctx.is_main
+            else None
+        )
+        if self.metrics is not None:
+            self.metrics.tokens_seen = self.tokens_seen
+        self.last_record: dict[str, Any] = {}
 
-    run_dir = Path(cfg.run.dir)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last)
-    resolved = cfg.resolved()
-    # Before anything is written: a refused resume leaves the run directory as it was, config.yaml included.
-    resume_path = _select_resume(cfg, checkpointer, resolved, ctx)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ctx.is_main:
-        dump_resolved(cfg, run_dir)
-    seed_everything(cfg.run.seed)
+    # -- state ----------------------------------------------------------------------------------------------
 
-    data = build_pretrain_stream(
-        cfg.data, tokenizer, seed=cfg.run.seed, micro_batch_size=cfg.run.micro_batch_size, rank=ctx.rank,
-        world_size=ctx.world_size,
-    )
-    unigram = data.unigram_log_probs() if cfg.model.output_bias_init == "unigram" else None
-    engine = build_engine(cfg, build_training_model(cfg, device, ctx.world_size, unigram), device)
-    info = model_info(arch, cfg.data.seq_len)
-    resumed = _resume(resume_path, engine, data, ctx)
-    start_step = resumed.get("step", 0)
-    # Tokens are counted over all ranks, so FLOPs per token / world size makes TFLOP/s and MFU per device.
-    metrics = (
-        Metrics(cfg, run_dir, info["flops_per_token"] / ctx.world_size, device, start_step=start_step)
-        if ctx.is_main
-        else None
-    )
-    tokens_seen = int(resumed.get("tokens_seen", 0))
-    if metrics is not None:
-        metrics.tokens_seen = tokens_seen
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's resumable state beside the engine's: the loop's counters and each component's own
+        state (the file layout of ``client_rank*.pt`` is unchanged, so older checkpoints still load)."""
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "train_seconds": self.train_seconds,
+            "data": self.data.state_dict(),
+            "rng": rng_state(),
+            "curriculum": self.curriculum.state(self.step),
+        }
 
-    def eval_batches() -> Any:
-        return _take(data.eval_batches(cfg.run.micro_batch_size), cfg.run.eval_batches)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.data.load_state_dict(state["data"])
+        set_rng_state(state["rng"])
 
-    def run_eval(step: int) -> float:
+    def restore(self, path: Path) -> None:
+        """Engine, data position and RNGs from the checkpoint at ``path``.
+
+        The mask draw needs no state (it is a function of seed and step), so restoring these is all it takes
+        for the resumed run to repeat the uninterrupted one bit for bit. Every rank restores its own data
+        position and RNGs (``client_rank{r}.pt``); the engine load is collective.
+        """
+        self.engine.load_checkpoint(path / "engine")
+        self.load_state_dict(Checkpointer.read_client_state(path, self.ctx.rank))
+        if self.ctx.is_main:
+            print(f"resumed from {path} at step {self.step}", flush=True)
+
+    # -- the loop -------------------------------------------------------------------------------------------
+
+    def fit(self) -> dict[str, Any]:
+        """Train from the restored step to ``run.steps``, evaluate, and return the summary.
+
+        A stop signal (:mod:`~dlm.training.preemption`) ends the loop after the step it arrived in, with a
+        checkpoint of that step, as :class:`~dlm.errors.TrainingStopped`.
+        """
+        cfg = self.cfg
+        stop = StopRequest(cfg.checkpoint.on_signal).__enter__()  # left in the finally below
+        try:
+            batches = iter(self.data)
+            for step in range(self.step + 1, cfg.run.steps + 1):
+                stopping = self.train_step(step, batches, stop.requested)
+                self.maybe_eval(step)
+                saved = self.maybe_checkpoint(step, force=stopping)
+                if stopping:
+                    name = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
+                    raise TrainingStopped(
+                        f"stopped by {name} after step {step} of {cfg.run.steps}; its checkpoint is {saved}: "
+                        f"continue with --resume auto (or checkpoint.resume=auto)",
+                        stop.signum or signal.SIGTERM,
+                    )
+            eval_nelbo = self.evaluate(cfg.run.steps)
+        finally:
+            stop.__exit__()
+            if self.metrics is not None:
+                self.metrics.close()
+            self.data.close()
+        return self.finish(eval_nelbo)
+
+    def train_step(self, step: int, batches: Iterator[dict[str, torch.Tensor]], stop_requested: bool) -> bool:
+        """One optimizer step over ``run.grad_accum_steps`` micro-batches, logged and shown to the hooks;
+        returns whether any rank was asked to stop after it."""
+        cfg, ctx, engine = self.cfg, self.ctx, self.engine
+        step_start = time.perf_counter()
+        schedule = self.curriculum.state(step)
+        self.data.set_seq_len(schedule["seq_len"])
+        micro = [_to_device(next(batches), ctx.device, cfg.data.doc_attention) for _ in range(cfg.run.grad_accum_steps)]
+        data_seconds = time.perf_counter() - step_start
+        train_length_head = cfg.objective.length_loss_weight > 0
+        # Masks are keyed by the micro-batch's slot in the global batch (rank-major), like the data stream's
+        # consumers: 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw.
+        noised = [
+            noise_batch(
+                batch,
+                cfg.objective,
+                self.tokenizer.mask_id,
+                mask_generator(cfg.run.seed, step, 0, ctx.rank * cfg.run.grad_accum_steps + index),
+                train_length_head=train_length_head,
+                pad_share=schedule["pad_share"],
+                attention_ratio=anneal_ratio(step, cfg.objective.attention_annealing_steps),
+            )
+            for index, batch in enumerate(micro)
+        ]
+        denominator, stopping = _global_normalizers(noised, ctx, stop_requested)
+        stats = StepStats.zeros(ctx.device, train_length_head)
+        for n in noised:
+            with engine.autocast():
+                parts = engine.loss(n, cfg.objective.loss_chunk_size)
+            engine.backward(parts.objective(denominator))
+            stats.add(parts, denominator)
+        stats.lr = engine.lr()
+        stats.grad_norm = engine.step()
+        stats.tokens = sum(n.num_tokens for n in noised)
+        stats.data_seconds = data_seconds
+        stats = stats.summed_over_ranks(ctx)
+        self.step = step
+        self.tokens_seen += stats.tokens
+        record = self.metrics.update(step, stats, gauges=schedule) if self.metrics is not None else None
+        self.train_seconds += time.perf_counter() - step_start
+        if record is not None:
+            self.last_record = record
+        if self.hooks:
+            done = StepInfo(step=step, rank=ctx.rank, world_size=ctx.world_size, loss=stats.loss.detach(),
+                            batches=micro, record=record, model=engine.model)
+            for hook in self.hooks:
+                hook.on_step_end(done)
+        return stopping
+
+    def maybe_eval(self, step: int) -> None:
+        """Held-out NELBO every ``run.eval_every`` steps (the last step is evaluated by :meth:`fit`)."""
+        if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0 and step != self.cfg.run.steps:
+            self.evaluate(step)
+
+    def maybe_checkpoint(self, step: int, force: bool = False) -> Path | None:
+        """A checkpoint every ``checkpoint.interval`` steps, or now when ``force`` (a stop signal)."""
+        interval = self.cfg.checkpoint.interval
+        if not (force or (interval and step % interval == 0)):
+            return None
+        saved = save_on_every_rank(self.ctx, self.checkpointer, step, self.engine, self.state_dict(), self.resolved)
+        for hook in self.hooks:
+            hook.on_checkpoint(step, saved, self.ctx.is_main)
+        return saved
+
+    def evaluate(self, step: int) -> float:
         """Every rank evaluates the same held-out rows (ZeRO-3 needs all of them in each forward)."""
+        cfg, engine = self.cfg, self.engine
         nelbo = evaluate_nelbo(
             engine.model,
-            eval_batches(),
-            tokenizer.mask_id,
-            eps=cfg.objective.eps,
+            _take(self.data.eval_batches(cfg.run.micro_batch_size), cfg.run.eval_batches),
+            self.tokenizer.mask_id,
+            schedule=NoiseSchedule.from_objective(cfg.objective),
             samples=cfg.run.eval_samples,
             estimator=cfg.run.eval_estimator,
             max_scored_per_row=cfg.run.eval_max_scored_per_row,
             seed=cfg.run.seed,
-            device=device,
+            device=self.ctx.device,
             autocast=engine.autocast,
             chunk_size=cfg.objective.loss_chunk_size,
             loss_fn=engine.loss,
             sft=cfg.objective.kind == "sft",
             shift=cfg.objective.shift,
         )
-        if metrics is not None:
-            metrics.log_eval(step, {"eval_nelbo": nelbo})
+        if self.metrics is not None:
+            self.metrics.log_eval(step, {"eval_nelbo": nelbo})
         return nelbo
 
-    curriculum = Curriculum.from_config(cfg)
-    train_length_head = cfg.objective.length_loss_weight > 0
-    batches = iter(data)
-    last: dict[str, Any] = {}
-    train_seconds = float(resumed.get("train_seconds", 0.0))
-    stop = StopRequest(cfg.checkpoint.on_signal).__enter__()  # left in the finally below
-    try:
-        for step in range(start_step + 1, cfg.run.steps + 1):
-            step_start = time.perf_counter()
-            schedule = curriculum.state(step)
-            data.set_seq_len(schedule["seq_len"])
-            micro = [_to_device(next(batches), device, cfg.data.doc_attention) for _ in range(cfg.run.grad_accum_steps)]
-            data_seconds = time.perf_counter() - step_start
-            # Masks are keyed by the micro-batch's slot in the global batch (rank-major), like the data stream's
-            # consumers: 2 ranks x 1 micro-batch draw exactly what 1 rank x 2 accumulated micro-batches draw.
-            noised = [
-                noise_batch(
-                    batch,
-                    cfg.objective,
-                    tokenizer.mask_id,
-                    mask_generator(cfg.run.seed, step, 0, ctx.rank * cfg.run.grad_accum_steps + index),
-                    train_length_head=train_length_head,
-                    pad_share=schedule["pad_share"],
-                    attention_ratio=anneal_ratio(step, cfg.objective.attention_annealing_steps),
-                )
-                for index, batch in enumerate(micro)
-            ]
-            denominator, stopping = _global_normalizers(noised, ctx, stop.requested)
-            loss = torch.zeros((), device=device)
-            bucket_sums = torch.zeros(len(T_BUCKETS), device=device)
-            bucket_counts = torch.zeros(len(T_BUCKETS), device=device)
-            length_stats = torch.zeros(len(LENGTH_STATS), device=device) if train_length_head else None
-            for n in noised:
-                with engine.autocast():
-                    parts = engine.loss(n, cfg.objective.loss_chunk_size)
-                engine.backward(parts.objective(denominator))
-                loss += parts.loss_sum.detach() / denominator
-                bucket_sums += parts.bucket_sums
-                bucket_counts += parts.bucket_counts
-                if length_stats is not None and parts.length_stats is not None:
-                    length_stats += parts.length_stats
-            lr = engine.lr()
-            grad_norm = engine.step()
-            tokens = sum(n.num_tokens for n in noised)
-            if ctx.world_size > 1:
-                loss, bucket_sums, bucket_counts, tokens, length_stats = _sum_over_ranks(
-                    ctx, loss, bucket_sums, bucket_counts, tokens, length_stats
-                )
-            tokens_seen += tokens
-            record = None
-            if metrics is not None:
-                record = metrics.update(step, loss, bucket_sums, bucket_counts, grad_norm, lr, tokens, data_seconds,
-                                        length_stats=length_stats, gauges=schedule)
-            train_seconds += time.perf_counter() - step_start
-            if record is not None:
-                last = record
-            if hooks:
-                done = StepInfo(step=step, rank=ctx.rank, world_size=ctx.world_size, loss=loss.detach(), batches=micro,
-                                record=record, model=engine.model)
-                for hook in hooks:
-                    hook.on_step_end(done)
-            if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step != cfg.run.steps:
-                run_eval(step)
-            if stopping or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0):
-                client_state = {
-                    "step": step,
-                    "tokens_seen": tokens_seen,
-                    "train_seconds": train_seconds,
-                    "data": data.state_dict(),
-                    "rng": rng_state(),
-                    "curriculum": schedule,
-                }
-                saved = _save_checkpoint(ctx, checkpointer, step, engine, client_state, resolved)
-                for hook in hooks:
-                    hook.on_checkpoint(step, saved, ctx.is_main)
-            if stopping:
-                name = signal.Signals(stop.signum).name if stop.signum else "a stop signal on another rank"
-                raise TrainingStopped(
-                    f"stopped by {name} after step {step} of {cfg.run.steps}; its checkpoint is {saved}: "
-                    f"continue with --resume auto (or checkpoint.resume=auto)",
-                    stop.signum or signal.SIGTERM,
-                )
-        eval_nelbo = run_eval(cfg.run.steps)
-    finally:
-        stop.__exit__()
-        if metrics is not None:
-            metrics.close()
-        data.close()
+    # -- the end --------------------------------------------------------------------------------------------
 
-    if cfg.checkpoint.save_final:
-        with engine.gathered_model() as whole:  # ZeRO-3: a collective, every rank enters
-            if ctx.is_main:
-                save_weights(whole, arch, run_dir)
-    counters = data.counters()
-    if ctx.world_size > 1:
-        keys = sorted(counters)
-        summed = ctx.all_reduce_sum(torch.tensor([counters[k] for k in keys], dtype=torch.float64, device=device))
-        counters = {k: int(v) for k, v in zip(keys, summed.tolist())}
-    summary = {
-        "steps": cfg.run.steps,
-        "tokens_seen": tokens_seen,
-        "tokens_per_s": tokens_seen / max(train_seconds, 1e-9),
-        "final_train_loss": last.get("loss"),
-        "eval_nelbo": eval_nelbo,
-        "unigram_entropy": data.unigram_cross_entropy(cfg.run.eval_batches * cfg.run.micro_batch_size),
-        "wall_time_s": time.perf_counter() - started,
-        "params": info["params"],
-        "non_embedding_params": info["non_embedding_params"],
-        "flops_per_token": info["flops_per_token"],
-        "device": str(device),
-        "world_size": ctx.world_size,
-        "engine": cfg.engine.kind,
-        "eval_rows": data.num_eval_rows,
-        "data": counters,
-    }
-    if ctx.is_main:
-        _write_json_atomic(run_dir / "summary.json", summary)
-        plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", summary["unigram_entropy"])
-    for hook in hooks:
-        hook.on_train_end(summary)
-    return summary
+    def finish(self, eval_nelbo: float) -> dict[str, Any]:
+        """Final weights, the summary (data counters summed over ranks), the loss plot, the hooks' last call."""
+        cfg, ctx = self.cfg, self.ctx
+        if cfg.checkpoint.save_final:
+            with self.engine.gathered_model() as whole:  # ZeRO-3: a collective, every rank enters
+                if ctx.is_main:
+                    save_weights(whole, self.arch, self.run_dir)
+        counters = self.data.counters()
+        if ctx.world_size > 1:
+            keys = sorted(counters)
+            summed = ctx.all_reduce_sum(torch.tensor([counters[k] for k in keys], dtype=torch.float64, device=ctx.device))
+            counters = {k: int(v) for k, v in zip(keys, summed.tolist())}
+        summary = {
+            "steps": cfg.run.steps,
+            "tokens_seen": self.tokens_seen,
+            "tokens_per_s": self.tokens_seen / max(self.train_seconds, 1e-9),
+            "final_train_loss": self.last_record.get("loss"),
+            "eval_nelbo": eval_nelbo,
+            "unigram_entropy": self.data.unigram_cross_entropy(cfg.run.eval_batches * cfg.run.micro_batch_size),
+            "wall_time_s": time.perf_counter() - self.started,
+            "params": self.info["params"],
+            "non_embedding_params": self.info["non_embedding_params"],
+            "flops_per_token": self.info["flops_per_token"],
+            "device": str(ctx.device),
+            "world_size": ctx.world_size,
+            "engine": cfg.engine.kind,
+            "eval_rows": self.data.num_eval_rows,
+            "data": counters,
+        }
+        if ctx.is_main:
+            _write_json_atomic(self.run_dir / "summary.json", summary)
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curve.png", summary["unigram_entropy"])
+        for hook in self.hooks:
+            hook.on_train_end(summary)
+        return summary
 
 
 def _global_normalizers(
@@ -265,9 +312,9 @@ def _global_normalizers(
 ) -> tuple[float | torch.Tensor, bool]:
     """The step's diffusion normaliser over all micro-batches and ranks (a device tensor, so no host sync, when
     there are several ranks), the length head's global position and row counts (set on each batch's
-    targets), and whether any rank was asked to stop after this step. One all-reduce for all four; only a
-    stop request read on the host costs a sync, and only when a rank has been signalled or at every step of a
-    job (the flag must be agreed on before any rank decides to save)."""
+    targets), and whether any rank was asked to stop after this step. One all-reduce for all four; the stop
+    flag is read on the host, one small sync per step of a job, because every rank must decide to save at
+    the same step."""
     local = [sum(n.normalizer for n in noised), 0.0, 0.0, float(stop_requested)]
     for n in noised:
         if n.length is not None:
@@ -284,128 +331,6 @@ def _global_normalizers(
         if n.length is not None:
             n.length.eos_norm, n.length.bucket_norm = positions, rows
     return denominator, stopping
-
-
-def _sum_over_ranks(
-    ctx: DistContext, loss: torch.Tensor, bucket_sums: torch.Tensor, bucket_counts: torch.Tensor, tokens: int,
-    length_stats: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, torch.Tensor | None]:
-    """One all-reduce for everything logged: each rank's loss is already its share of the global mean."""
-    n = bucket_sums.numel()
-    extra = length_stats if length_stats is not None else torch.zeros(0, device=ctx.device)
-    packed = torch.cat(
-        [loss.reshape(1), bucket_sums, bucket_counts, extra, torch.tensor([float(tokens)], device=ctx.device)]
-    ).double()
-    packed = ctx.all_reduce_sum(packed)
-    summed_extra = packed[1 + 2 * n : -1].float() if length_stats is not None else None
-    return (packed[0].float(), packed[1 : 1 + n].float(), packed[1 + n : 1 + 2 * n].float(), int(packed[-1].item()),
-            summed_extra)
-
-
-def _save_checkpoint(
-    ctx: DistContext, checkpointer: Checkpointer, step: int, engine: Any, client_state: dict[str, Any],
-    resolved: dict[str, Any],
-) -> Path:
-    """One complete checkpoint written by every rank (engine partitions, per-rank client state), checksummed
-    by all ranks in stripes and committed by rank 0; the directory must be shared by all ranks' nodes.
-
-    Each phase ends with every rank learning whether any rank failed, so a failure on one rank (a full disk)
-    stops all of them with the same error instead of leaving the others in a barrier.
-    """
-    if ctx.world_size == 1:
-        return checkpointer.save(step, engine, client_state, resolved)
-    tmp = checkpointer.root / f"{step_dir_name(step)}.tmp"
-
-    def write() -> None:
-        engine.save_checkpoint(tmp / "engine")
-        Checkpointer.write_client_state(tmp, ctx.rank, client_state)
-
-    _on_every_rank(ctx, checkpointer, tmp, step, lambda: checkpointer.begin(step) if ctx.is_main else None)
-    _on_every_rank(ctx, checkpointer, tmp, step, write)
-    names = ctx.all_gather_object(manifest_files(tmp) if ctx.is_main else None)[0]
-    stripes = ctx.all_gather_object(
-        _on_every_rank(ctx, checkpointer, tmp, step, lambda: checksum_part(tmp, names, (ctx.rank, ctx.world_size)))
-    )
-    checksums = {name: entry for stripe in stripes for name, entry in stripe.items()}
-    _on_every_rank(
-        ctx, checkpointer, tmp, step, lambda: checkpointer.commit(tmp, step, resolved, checksums) if ctx.is_main else None
-    )
-    return checkpointer.root / step_dir_name(step)
-
-
-def _on_every_rank(ctx: DistContext, checkpointer: Checkpointer, tmp: Path, step: int, action: Any) -> Any:
-    """Run one phase of a save on this rank, then agree with the others on whether every rank succeeded.
-
-    On any failure rank 0 removes the half-written directory and every rank raises: a full disk anywhere as
-    the one-line :class:`~dlm.training.checkpoint.CheckpointError`, otherwise the failing rank its own error
-    and the others an error naming it.
-    """
-    error: BaseException | None = None
-    result = None
-    try:
-        result = action()
-    except Exception as exc:
-        error = exc
-    report = None if error is None else (is_disk_full(error, checkpointer.root), f"{type(error).__name__}: {error}")
-    failures = [(rank, r) for rank, r in enumerate(ctx.all_gather_object(report)) if r is not None]
-    if not failures:
-        return result
-    if ctx.is_main:
-        checkpointer.abort(tmp)
-    if any(full for _, (full, _) in failures):
-        raise checkpointer.disk_full_error(step) from None
-    if error is not None:
-        raise error
-    rank, (_, message) = failures[0]
-    raise RuntimeError(f"rank {rank} failed while saving the checkpoint of step {step}: {message}")
-
-
-def _select_resume(
-    cfg: RunConfig, checkpointer: Checkpointer, resolved: dict[str, Any], ctx: DistContext
-) -> Path | None:
-    """The checkpoint ``checkpoint.resume`` names, intact and fitting this config; None for a fresh run.
-
-    Every rank checks its stripe of the checkpoint's manifest and they share their findings, so all ranks
-    choose the same checkpoint (``auto`` skips a damaged one for the one before it) and only rank 0 warns.
-    """
-    if not cfg.checkpoint.resume:
-        return None
-
-    def problems(path: Path) -> list[str]:
-        found = verify_checkpoint(path, (ctx.rank, ctx.world_size))
-        return [p for part in ctx.all_gather_object(found) for p in part]
-
-    path = checkpointer.select(cfg.checkpoint.resume, problems, warn=None if ctx.is_main else lambda line: None)
-    if path is not None:
-        Checkpointer.check_compatible(path, resolved)
-        if ctx.is_main and checkpointer.foreign:
-            steps = ", ".join(step_dir_name(s) for s in sorted(checkpointer.foreign))
-            print(
-                f"dlm: note: {steps} are newer than {path.name} and belong to the run it branched from; they are "
-                f"kept (never pruned) until a save of the same step replaces them",
-                file=sys.stderr,
-                flush=True,
-            )
-    return path
-
-
-def _resume(path: Path | None, engine: Any, data: Any, ctx: DistContext) -> dict[str, Any]:
-    """Restore engine, data position and RNGs from the checkpoint at ``path``; the client state, or {} for a
-    fresh run.
-
-    The mask draw needs no state (it is a function of seed and step), so restoring these is all it takes
-    for the resumed run to repeat the uninterrupted one bit for bit. Every rank restores its own data
-    position and RNGs (``client_rank{r}.pt``); the engine load is collective.
-    """
-    if path is None:
-        return {}
-    engine.load_checkpoint(path / "engine")
-    client = Checkpointer.read_client_state(path, ctx.rank)
-    data.load_state_dict(client["data"])
-    set_rng_state(client["rng"])
-    if ctx.is_main:
-        print(f"resumed from {path} at step {client['step']}", flush=True)
-    return client
 
 
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device, doc_attention: bool) -> dict[str, torch.Tensor]:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from dlm.config import RunConfig
-from dlm.training.objective import T_BUCKETS
+from dlm.training.distributed import DistContext
+from dlm.training.objective import LENGTH_STATS, T_BUCKETS, LossParts
 
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     # (substring of torch.cuda.get_device_name, dense bf16 TFLOP/s without sparsity); most specific first.
@@ -48,6 +50,58 @@ def peak_tflops(device: torch.device, override: float | None = None) -> float | 
         return None
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured on this rank, summed over its micro-batches; after
+    :meth:`summed_over_ranks`, over the whole job. The loop fills it, :class:`Metrics` reads it."""
+
+    loss: Tensor  # the step's share of the global mean loss (each micro-batch divided by the global normaliser)
+    bucket_sums: Tensor  # per-token loss summed by noise level (T_BUCKETS)
+    bucket_counts: Tensor
+    length: Tensor | None  # the length head's sums (LENGTH_STATS), when it trains
+    tokens: int = 0
+    grad_norm: Tensor = field(default_factory=lambda: torch.zeros(()))
+    lr: float = 0.0
+    data_seconds: float = 0.0
+
+    @classmethod
+    def zeros(cls, device: torch.device, length_head: bool) -> StepStats:
+        n = len(T_BUCKETS)
+        length = torch.zeros(len(LENGTH_STATS), device=device) if length_head else None
+        return cls(torch.zeros((), device=device), torch.zeros(n, device=device), torch.zeros(n, device=device), length)
+
+    def add(self, parts: LossParts, denominator: float | Tensor) -> None:
+        """Accumulate one micro-batch's loss parts (the loss already divided by the step's normaliser)."""
+        self.loss += parts.loss_sum.detach() / denominator
+        self.bucket_sums += parts.bucket_sums
+        self.bucket_counts += parts.bucket_counts
+        if self.length is not None and parts.length_stats is not None:
+            self.length += parts.length_stats
+
+    def summed_over_ranks(self, ctx: DistContext) -> StepStats:
+        """Everything logged summed over ranks in one all-reduce (the loss is already each rank's share of
+        the global mean); grad norm, LR and data time stay this rank's. One process: itself."""
+        if ctx.world_size == 1:
+            return self
+        n = self.bucket_sums.numel()
+        extra = self.length if self.length is not None else torch.zeros(0, device=ctx.device)
+        packed = torch.cat(
+            [self.loss.reshape(1), self.bucket_sums, self.bucket_counts, extra,
+             torch.tensor([float(self.tokens)], device=ctx.device)]
+        ).double()
+        packed = ctx.all_reduce_sum(packed)
+        return StepStats(
+            loss=packed[0].float(),
+            bucket_sums=packed[1 : 1 + n].float(),
+            bucket_counts=packed[1 + n : 1 + 2 * n].float(),
+            length=packed[1 + 2 * n : -1].float() if self.length is not None else None,
+            tokens=int(packed[-1].item()),
+            grad_norm=self.grad_norm,
+            lr=self.lr,
+            data_seconds=self.data_seconds,
+        )
 
 
 def read_records(path: Path, warn: bool = False) -> list[dict[str, Any]]:
@@ -134,41 +188,28 @@ class Metrics:
         self._gauges: dict[str, float] = {}
         self._t0 = time.perf_counter()
 
-    def update(
-        self,
-        step: int,
-        loss: Tensor,
-        bucket_sums: Tensor,
-        bucket_counts: Tensor,
-        grad_norm: Tensor,
-        lr: float,
-        tokens: int,
-        data_seconds: float,
-        *,
-        length_stats: Tensor | None = None,
-        gauges: dict[str, float] | None = None,
-    ) -> dict[str, Any] | None:
+    def update(self, step: int, stats: StepStats, gauges: dict[str, float] | None = None) -> dict[str, Any] | None:
         """Record optimizer step ``step`` (1-based); return the emitted record on log steps.
 
-        ``length_stats`` are the length head's sums (:data:`~dlm.training.objective.LENGTH_STATS`), summed
-        over the window; ``gauges`` (the curriculum's seq_len and pad share) are reported as of the last step.
+        The length head's sums are added over the window; ``gauges`` (the curriculum's seq_len and pad share)
+        are reported as of the last step.
         """
-        if length_stats is not None:
-            self._length = length_stats if self._length is None else self._length + length_stats
+        if stats.length is not None:
+            self._length = stats.length if self._length is None else self._length + stats.length
         if gauges:
             self._gauges = dict(gauges)
-        self._loss += loss.detach().float()
-        self._grad_norm += grad_norm.float().to(self.device)
-        self._bucket_sums += bucket_sums
-        self._bucket_counts += bucket_counts
+        self._loss += stats.loss.detach().float()
+        self._grad_norm += stats.grad_norm.float().to(self.device)
+        self._bucket_sums += stats.bucket_sums
+        self._bucket_counts += stats.bucket_counts
         self._steps += 1
-        self._tokens += tokens
-        self.tokens_seen += tokens
-        self._data_s += data_seconds
+        self._tokens += stats.tokens
+        self.tokens_seen += stats.tokens
+        self._data_s += stats.data_seconds
         self.bar.update(1)
         if step % self.every and step != self.total_steps:
             return None
-        return self._emit(step, lr)
+        return self._emit(step, stats.lr)
 
     def _emit(self, step: int, lr: float) -> dict[str, Any]:
         if self.device.type == "cuda":

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from dlm.config import ObjectiveSection
 from dlm.kernels import annealed_mask, masked_lm_loss_rows
 from dlm.modeling.length_head import length_head_terms
+from dlm.training.noise import NoiseSchedule
 
 T_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
 """Upper edges of the noise-level buckets the loss is reported by (low t = easy, almost nothing masked)."""
@@ -106,14 +107,14 @@ def forward_process(
     pad_region: Tensor | None = None,
     pad_share: float = 1.0,
     mask_fraction: Tensor | None = None,
+    schedule: NoiseSchedule | None = None,
 ) -> NoisedBatch:
     """Mask a clean batch. With ``prompt_mask`` (SFT) prompt tokens are never masked.
 
     All random numbers come from ``generator`` on the CPU, so the draw is identical on every device.
-    ``t`` fixes the noise levels instead of drawing them (stratified evaluation). ``stratified`` draws the
-    batch's t as ``(i + u) / B`` with one shared ``u`` (the low-discrepancy sampler of MDLM): each t is still
-    uniform, so the loss stays unbiased, but a batch always spans the whole noise range, which lowers the
-    variance that the ``1 / p_mask`` weights put on the gradient.
+    ``schedule`` (:class:`~dlm.training.noise.NoiseSchedule`) draws ``t``, maps it to ``p_mask`` and weights
+    the masked tokens; without it ``eps`` and ``stratified`` describe the linear schedule to use.
+    ``t`` fixes the noise levels instead of drawing them (stratified evaluation).
     ``random_length_prob`` is LLaDA's trick of training on a random-length prefix for a small share of
     pretraining batches, so the model also sees sequences shorter than the packing length.
 
@@ -128,6 +129,7 @@ def forward_process(
     likelihood evaluation, l ~ U{1..n}). Its largest weight is ``n`` where the ``1 / p_mask`` form reaches
     ``1 / eps``, so a held-out estimate no longer hangs on the few tokens a low-t draw happens to mask.
     """
+    schedule = schedule or NoiseSchedule(eps, "stratified" if stratified else "uniform")
     batch, length = input_ids.shape
     device = input_ids.device
     # rows with a structure (prompt, answer, padding) keep their full length: a cut would break it
@@ -144,15 +146,10 @@ def forward_process(
         masked, p_mask = _exact_count_mask(mask_fraction, generator, prompt_mask, keep, batch, length)
         t, masked = p_mask.clone(), masked.to(device)
     else:
-        if t is not None:
-            t = t.detach().float().cpu()
-        elif stratified:
-            t = (torch.arange(batch, dtype=torch.float32) + torch.rand((), generator=generator)) / batch
-        else:
-            t = torch.rand(batch, generator=generator)
+        t = t.detach().float().cpu() if t is not None else schedule.sample_t(batch, generator)
         if full_rows is not None:
             t = torch.where(full_rows.cpu(), torch.ones_like(t), t)
-        p_mask = (1.0 - eps) * t + eps
+        p_mask = schedule.p_mask(t)
         if full_rows is not None:
             p_mask = torch.where(full_rows.cpu(), torch.ones_like(p_mask), p_mask)
         draws = torch.rand(batch, length, generator=generator)
@@ -166,10 +163,10 @@ def forward_process(
     if prompt_mask is not None:
         masked &= ~prompt_mask.bool()
         answer_len = (~prompt_mask.bool()).sum(dim=1).clamp(min=1).to(p_mask.dtype)
-        weights = 1.0 / (p_mask * answer_len)
+        weights = schedule.weight(p_mask, answer_len)
         normalizer = float(batch)
     else:
-        weights = 1.0 / p_mask
+        weights = schedule.weight(p_mask)
         normalizer = float(batch * length)
     noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
     return NoisedBatch(input_ids, noisy, masked, p_mask, t, weights, normalizer, doc_ids)
@@ -310,9 +307,9 @@ def noise_batch(
         else:
             keep = outside if keep is None else keep | outside
     noised = forward_process(
-        input_ids, mask_id, generator, eps=objective.eps, prompt_mask=prompt_mask, doc_ids=doc_ids,
-        random_length_prob=objective.random_length_prob, stratified=objective.t_sampling == "stratified",
-        keep=keep, full_rows=full_rows, pad_region=pad_region, pad_share=pad_share,
+        input_ids, mask_id, generator, prompt_mask=prompt_mask, doc_ids=doc_ids,
+        random_length_prob=objective.random_length_prob, keep=keep, full_rows=full_rows, pad_region=pad_region,
+        pad_share=pad_share, schedule=NoiseSchedule.from_objective(objective),
     )
     noised.shift, noised.length = objective.shift, length
     if objective.max_scored_per_row is not None:
