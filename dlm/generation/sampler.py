@@ -475,8 +475,36 @@ def generate(
     if not prompt_list:
         raise GenerationError("no prompts to generate from")
     pad = eos_id if pad_id is None else pad_id
+    plan = _plan_canvases(length, model, prompt_list, extend=extend, max_length=max_length, mask_id=mask_id,
+                          pad_id=pad, batch_size=batch_size)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+    ctx = _Context(model, mask_id, eos_id, pad, temperature, remasking, cfg_scale, generator, stop_at_eos,
+                   on_step, device, shift, logits_eos_inf, confidence_eos_eot_inf, eot_id, confidence_dtype)
+    samples = _new_samples(prompt_list, plan.budgets, steps, block_length, mask_id)
+    _run_queue(samples, ctx, plan, batch_size=batch_size, block_length=block_length)
+    return _result(samples, prompt_list, plan, ctx, started)
+
+
+@dataclass(frozen=True)
+class _CanvasPlan:
+    """Each sample's first canvas, the prediction that chose them (predicted budgets only), whether a canvas
+    that fills without an EOS extends, and the largest canvas allowed."""
+
+    budgets: list[int]
+    prediction: BudgetPrediction | None
+    extend: bool
+    cap: int
+
+
+def _plan_canvases(
+    length: LengthArg, model: Denoiser, prompts: list[Tensor], *, extend: bool | None, max_length: int | None,
+    mask_id: int, pad_id: int, batch_size: int | None,
+) -> _CanvasPlan:
+    """Resolve the budgets, the extension rule and the cap (see :func:`generate`), refusing canvases the model
+    cannot run before any denoising starts."""
     budgets, prediction, head_max = _resolve_budgets(
-        length, model, prompt_list, mask_id=mask_id, pad_id=pad, batch_size=batch_size
+        length, model, prompts, mask_id=mask_id, pad_id=pad_id, batch_size=batch_size
     )
     extending = (prediction is not None) if extend is None else extend
     cap = max_length or head_max or max(budgets)
@@ -484,21 +512,29 @@ def generate(
         budgets = [min(b, cap) for b in budgets]  # an explicit max_length also caps the predicted budgets
     if extending and any(b > cap for b in budgets):
         raise GenerationError(f"budgets {budgets} exceed max_length {cap}; raise max_length or lower the budgets")
-    _check_fits(model, prompt_list, max(cap if extending else 0, *budgets))
-    if generator is None and seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
-    ctx = _Context(model, mask_id, eos_id, pad, temperature, remasking, cfg_scale, generator, stop_at_eos,
-                   on_step, device, shift, logits_eos_inf, confidence_eos_eot_inf, eot_id, confidence_dtype)
+    _check_fits(model, prompts, max(cap if extending else 0, *budgets))
+    return _CanvasPlan(budgets, prediction, extending, cap)
 
+
+def _new_samples(prompts: list[Tensor], budgets: list[int], steps: int | None, block_length: int | None,
+                 mask_id: int) -> list[_Sample]:
+    """One fully masked canvas per prompt with its first schedule (``steps`` or one step per position)."""
     samples = []
-    for i, (prompt, budget) in enumerate(zip(prompt_list, budgets)):
+    for i, (prompt, budget) in enumerate(zip(prompts, budgets)):
         n_steps = budget if steps is None else steps
         samples.append(_Sample(
-            index=i, prompt=prompt, canvas=torch.full((budget,), mask_id, dtype=torch.long, device=device),
+            index=i, prompt=prompt, canvas=torch.full((budget,), mask_id, dtype=torch.long, device=prompt.device),
             budget=budget, steps_per_token=None if steps is None else steps / budget,
             schedule=block_schedule(0, budget, n_steps, block_length),
             idle=empty_passes(0, budget, n_steps, block_length),
         ))
+    return samples
+
+
+def _run_queue(samples: list[_Sample], ctx: _Context, plan: _CanvasPlan, *, batch_size: int | None,
+               block_length: int | None) -> None:
+    """Run samples in groups of equal canvas and schedule, smallest key first, until every sample is settled;
+    an extended sample rejoins the queue under its new key."""
     queue: dict[tuple[int, tuple[Block, ...], tuple[int, ...]], list[_Sample]] = {}
     for s in samples:
         queue.setdefault(s.key, []).append(s)
@@ -509,17 +545,23 @@ def generate(
         for start in range(0, len(group), size):
             _run_group(group[start : start + size], ctx)
         for s in group:
-            if _settle(s, extend=extending, max_length=cap, block_length=block_length, mask_id=mask_id, eos_id=eos_id):
+            if _settle(s, extend=plan.extend, max_length=plan.cap, block_length=block_length, mask_id=ctx.mask_id,
+                       eos_id=ctx.eos_id):
                 queue.setdefault(s.key, []).append(s)
 
+
+def _result(samples: list[_Sample], prompts: list[Tensor], plan: _CanvasPlan, ctx: _Context,
+            started: float) -> GenerationResult:
+    """The answers (canvases cut at the first EOS) and each sample's cost, prediction pass included."""
+    prediction = plan.prediction
     canvases = [s.canvas.tolist() for s in samples]
-    answers = [c[: c.index(eos_id)] if eos_id in c else c for c in canvases]
+    answers = [c[: c.index(ctx.eos_id)] if ctx.eos_id in c else c for c in canvases]
     return GenerationResult(
-        prompts=[p.tolist() for p in prompt_list],
+        prompts=[p.tolist() for p in prompts],
         answers=answers,
         canvases=canvases,
         finished=[s.finished for s in samples],
-        budgets=budgets,
+        budgets=plan.budgets,
         canvas_lengths=[len(c) for c in canvases],
         bounds=None if prediction is None else prediction.bounds,
         steps=[s.steps for s in samples],
