@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
-from dlm.evaluation.length import LengthReport  # noqa: E402
+from dlm.evaluation.report import LengthReport  # noqa: E402
 
 
 def plot_predicted_vs_true(report: LengthReport, path: Path) -> Path:
@@ -62,7 +62,7 @@ def plot_coverage_vs_budget(report: LengthReport, path: Path) -> Path:
         ax.plot(xs, ys, marker="o", ms=3, label=f"{name} (q {points[0]['q']:g} … {points[-1]['q']:g})")
         chosen = report.method(name).metrics
         ax.scatter([chosen["mean_ratio"]], [chosen["coverage"]], s=60, facecolors="none", edgecolors="k")
-    fixed = [m for m in report.methods if m.name.startswith("fixed:")]
+    fixed = report.fixed
     for i, m in enumerate(fixed):
         grey = str(0.2 + 0.5 * i / max(1, len(fixed) - 1))
         ax.scatter([m.metrics["mean_ratio"]], [m.metrics["coverage"]], marker="s", s=30, color=grey, label=m.name)
