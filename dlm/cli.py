@@ -322,7 +322,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 
 
 def _launch(args: argparse.Namespace) -> int:
-    from dlm.launcher.launch import launch, load_launch_config
+    from dlm.launcher.dispatch import launch, load_launch_config
 
     cfg = load_launch_config(
         args.config, args.overrides, workers=args.workers, ray_address=args.ray_address, max_failures=args.max_failures
@@ -337,7 +337,7 @@ def _launch(args: argparse.Namespace) -> int:
 
 def _launch_dry_run(args: argparse.Namespace, cfg: object) -> int:
     from dlm.launcher.dry_run import estimate, format_report, parse_size
-    from dlm.launcher.launch import check_inputs
+    from dlm.launcher.dispatch import check_inputs
 
     world = args.world_size or args.workers or cfg.launcher.workers  # type: ignore[attr-defined]
     tokens = parse_size(args.tokens) if args.tokens else None

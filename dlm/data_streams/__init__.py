@@ -3,7 +3,7 @@
 The training loop uses one function and one object:
 
 ``build_pretrain_stream(data, tokenizer, *, seed, micro_batch_size, rank=0, world_size=1, num_workers=None)``
-    → :class:`TrainStream` for the ``data`` config section (:class:`dlm.config.DataSection`).
+    → :class:`TrainStream` for the ``data`` config section (:class:`dlm.data_streams.config.DataSection`).
 
 ``TrainStream``
     - ``next(stream)``: a dict of tensors ``[B, T]``: ``input_ids`` and ``doc_ids`` (int64); ``format=rows`` adds
@@ -24,22 +24,32 @@ Guarantees: in every epoch each training document goes to exactly one (rank, wor
 and worker count (also with fewer files than ranks × workers); the order is a pure function of
 (seed, epoch); the packed rows of one batch come from different documents (one packing lane per row of the
 first micro-batch); the held-out split is a hash of each document's text, identical for text and shards.
+
+The exports are imported on first use (:mod:`dlm.lazy`), so that :mod:`dlm.config` can import this package's
+sections (:mod:`dlm.data_streams.config`) without loading tokenizers, datasets and data loaders.
 """
 
-from dlm.data_streams.formats import FORMATS, pack
-from dlm.data_streams.prepare import format_stats, parse_source, prepare_shards, shard_stats
-from dlm.data_streams.shards import ShardSet, read_index
-from dlm.data_streams.sources import HubDataset, detect_format, iter_documents, resolve_files
-from dlm.data_streams.split import is_eval_document
-from dlm.data_streams.stream import TrainStream, build_pretrain_stream, open_source, validate_data_source
-from dlm.data_streams.tokenizer import (
-    TokenizerInfo,
-    bundled_tokenizer_dir,
-    check_vocab,
-    encode_texts,
-    load_tokenizer,
-    tokenizer_fingerprint,
-)
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from dlm.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from dlm.data_streams.formats import FORMATS, pack
+    from dlm.data_streams.prepare import format_stats, parse_source, prepare_shards, shard_stats
+    from dlm.data_streams.shards import ShardSet, read_index
+    from dlm.data_streams.sources import HubDataset, detect_format, iter_documents, resolve_files
+    from dlm.data_streams.split import is_eval_document
+    from dlm.data_streams.stream import TrainStream, build_pretrain_stream, open_source, validate_data_source
+    from dlm.data_streams.tokenizer import (
+        TokenizerInfo,
+        bundled_tokenizer_dir,
+        check_vocab,
+        encode_texts,
+        load_tokenizer,
+        tokenizer_fingerprint,
+    )
 
 __all__ = [
     "FORMATS",
@@ -66,3 +76,18 @@ __all__ = [
     "tokenizer_fingerprint",
     "validate_data_source",
 ]
+__getattr__ = lazy_exports(
+    __name__,
+    {
+        "dlm.data_streams.formats": ("FORMATS", "pack"),
+        "dlm.data_streams.prepare": ("format_stats", "parse_source", "prepare_shards", "shard_stats"),
+        "dlm.data_streams.shards": ("ShardSet", "read_index"),
+        "dlm.data_streams.sources": ("HubDataset", "detect_format", "iter_documents", "resolve_files"),
+        "dlm.data_streams.split": ("is_eval_document",),
+        "dlm.data_streams.stream": ("TrainStream", "build_pretrain_stream", "open_source", "validate_data_source"),
+        "dlm.data_streams.tokenizer": (
+            "TokenizerInfo", "bundled_tokenizer_dir", "check_vocab", "encode_texts", "load_tokenizer",
+            "tokenizer_fingerprint",
+        ),
+    },
+)
