@@ -44,7 +44,7 @@ from dlm.data_streams.tokenizer import TokenizerInfo
 from dlm.errors import ConfigError, DataError, UserError
 
 if TYPE_CHECKING:
-    from dlm.config import DataSection
+    from dlm.data_streams.config import DataSection
 
 STATE_VERSION = 1
 _ITERATOR_MARK = "dlm_batch_iterator"

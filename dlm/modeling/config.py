@@ -1,13 +1,23 @@
 """The shape of a transformer: one frozen, validated record from which both the module and the analytic
-parameter/FLOP accounting are derived, so the two can never disagree about what a model is."""
+parameter/FLOP accounting are derived, so the two can never disagree about what a model is.
+
+Beside it, the keys of the run's ``model`` section that are not about shape (:class:`RunOnlyModelFields`,
+:data:`RUN_ONLY_MODEL_KEYS`). They live here, at the bottom of the package, because the readers of a saved
+architecture (:mod:`dlm.modeling.hf_sources`) skip them, and the section itself
+(:class:`~dlm.modeling.section.ModelSection`) sits above those readers: it checks ``init_from`` with them.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlm.modeling.length_head import LengthHeadConfig
+from dlm.sections import Section
+
+InitFormat = Literal["auto", "dlm", "llada", "llama", "gpt2"]
+INIT_FORMATS: tuple[str, ...] = get_args(InitFormat)
 
 
 class TransformerConfig(BaseModel):
@@ -79,3 +89,28 @@ class TransformerConfig(BaseModel):
     def kv_heads(self) -> int:
         """Number of key/value heads: ``n_kv_heads`` resolved (fewer than ``n_heads`` means GQA)."""
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+
+class RunOnlyModelFields(Section):
+    """The ``model`` keys that say how a run gets its first weights, not what shape they have: the preset the
+    architecture starts from, the weights to load instead of a random initialisation, and how a fresh
+    output bias starts."""
+
+    preset: str = "tiny"
+    init_from: Optional[str] = Field(  # noqa: UP045 - pydantic needs a runtime type here
+        None,
+        description="start from these weights: a dlm export, run or checkpoint directory, or a Hugging Face "
+        "LLaDA / LLaMA / GPT-2 directory; the architecture must match the configured one",
+    )
+    init_from_format: InitFormat = Field("auto", description="auto (detect) | dlm | llada | llama | gpt2")
+    output_bias_init: Literal["zeros", "unigram"] = Field(
+        "zeros",
+        description="zeros | unigram: start the output bias (model.output_bias) at the train tokens' log "
+        "frequencies, so a fresh model starts at the unigram loss and learns context from its first step; "
+        "weights from model.init_from (or a resumed checkpoint) replace it",
+    )
+
+
+RUN_ONLY_MODEL_KEYS: frozenset[str] = frozenset(RunOnlyModelFields.model_fields)
+"""Keys of the model section that say where a run's weights come from, not what shape they have (``preset``,
+``init_from``, ...): a run's ``config.yaml`` records some of them, and readers of the shape skip them."""

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import torch
 
 from dlm.modeling.build import build_model
-from dlm.modeling.config import TransformerConfig
+from dlm.modeling.config import INIT_FORMATS, InitFormat, TransformerConfig
 from dlm.modeling.hf_io import CheckpointReader, InteropError, TensorInfo, expected_shapes, listing
 from dlm.modeling.hf_sources import (
     MODEL_CONFIG_NAME,
@@ -32,8 +31,6 @@ from dlm.modeling.hf_sources import (
     resolve_source,
 )
 
-InitFormat = Literal["auto", "dlm", "llada", "llama", "gpt2"]
-INIT_FORMATS: tuple[str, ...] = get_args(InitFormat)
 HF_FORMATS = ("llada", "llama", "gpt2")
 # Fields that change neither a tensor's shape nor what the weights compute: how a run executes the model, how
 # fresh weights would be drawn, and (with RoPE) the longest sequence it is set up for.
@@ -114,6 +111,21 @@ def check_init_source(source: InitSource, arch: TransformerConfig) -> None:
             )
 
 
+def check_init_from(path: str | Path, fmt: str, arch: TransformerConfig, require: bool) -> None:
+    """Refuse a source that cannot start a model of ``arch`` (an :class:`InteropError` naming why).
+
+    Reads config files and safetensors headers only, never the weights, so the config's validation can call
+    it. Without ``require`` a source that holds no weights yet passes: a pipeline's config may name the output
+    of an earlier run (``configs/sft-length.yaml`` starts from ``runs/smoke``), absent or still running, and
+    it is checked again with ``require`` where a run is about to read it.
+    """
+    try:
+        check_init_source(locate(path, fmt), arch)
+    except NoWeightsError:
+        if require:
+            raise
+
+
 def _shapes(cfg: TransformerConfig) -> dict[str, tuple[int, ...]]:
     return expected_shapes(build_model(cfg, device="meta").state_dict())
 
@@ -157,4 +169,6 @@ def open_weights(source: InitSource) -> WeightReader:
     return _StateDictReader(source.path, imported.state_dict)
 
 
-__all__ = ["INIT_FORMATS", "InitFormat", "InitSource", "check_init_source", "locate", "open_weights"]
+__all__ = [
+    "INIT_FORMATS", "InitFormat", "InitSource", "check_init_from", "check_init_source", "locate", "open_weights",
+]

@@ -35,7 +35,7 @@ from typing import Any, Literal, Protocol
 import torch
 import yaml
 
-from dlm.modeling.config import TransformerConfig
+from dlm.modeling.config import RUN_ONLY_MODEL_KEYS, TransformerConfig
 from dlm.modeling.hf_io import WEIGHTS_NAME, CheckpointReader, InteropError, TensorInfo, read_json
 from dlm.modeling.manifest import read_manifest, summarize, verify_part
 
@@ -282,8 +282,6 @@ def _run_config(path: Path) -> dict[str, Any]:
 def _architecture(raw: Any, where: Path) -> TransformerConfig:
     if not isinstance(raw, dict):
         raise InteropError(f"{where} has no model section; it was not written by dlm")
-    from dlm.config import RUN_ONLY_MODEL_KEYS  # here, not at the top: dlm.config imports dlm.modeling
-
     fields = {k: v for k, v in raw.items() if k not in RUN_ONLY_MODEL_KEYS}
     try:
         return TransformerConfig.model_validate(fields)

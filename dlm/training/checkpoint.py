@@ -47,8 +47,8 @@ import numpy as np
 import torch
 import yaml
 
-from dlm.config import RUN_ONLY_MODEL_KEYS
 from dlm.errors import UserError
+from dlm.modeling.config import RUN_ONLY_MODEL_KEYS
 from dlm.modeling.hf_io import fsync_tree
 from dlm.modeling.hf_sources import (
     COMPLETE_NAME,

@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from dlm.config import RunConfig, curriculum_lengths
+from dlm.config import RunConfig
+from dlm.training.config import curriculum_lengths
 
 
 @dataclass(frozen=True)
