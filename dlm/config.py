@@ -38,8 +38,6 @@ from dlm.training.config import (
     curriculum_lengths,
 )
 
-_CrossFieldError = CrossFieldError  # the name it had before it moved to dlm.sections
-
 
 class RunConfig(Section):
     """The whole run: one section per component, each owned by the component that reads it."""
