@@ -1,9 +1,10 @@
 """The sections the training stack reads — objective, curriculum, optimizer, schedule, engine, checkpoints,
 logging and the run itself — each with the rules between its own fields.
 
-A rule that needs another section's values is a method taking those values (``CurriculumSection.check_lengths``,
-``EngineSection.check_batch``), called by :class:`dlm.config.RunConfig`, so each rule stays beside the
-fields it guards while only the assembled tree knows where the other values come from.
+A rule that needs another section's values is a method taking those values (``ObjectiveSection.check_rows``,
+``CurriculumSection.check_lengths``, ``EngineSection.check_batch``), called by :class:`dlm.config.RunConfig`,
+so each rule stays beside the fields it guards while only the assembled tree knows where the other values
+come from.
 """
 
 from __future__ import annotations
