@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
+from dlm.data_streams.format_specs import FORMATS
 from dlm.sections import CrossFieldError, Section
 
 
@@ -36,7 +37,7 @@ class DataSection(Section):
     hub_split: str = "train"
     hub_revision: Optional[str] = None
     text_column: str = "text"
-    format: Literal["pretrain-packed", "rows", "sft"] = "pretrain-packed"
+    format: Literal[tuple(FORMATS)] = "pretrain-packed"  # type: ignore[valid-type]
     seq_len: int = Field(256, gt=1)
     overflow: Literal["drop", "cut"] = Field("drop", description="rows/sft: a document longer than a row")
     pad: Literal["eos", "pad"] = Field("eos", description="rows/sft padding: EOS (LLaDA) or the tokenizer's pad id")
@@ -73,11 +74,11 @@ class DataSection(Section):
                 raise CrossFieldError(
                     "data.paths", self.paths, "must name exactly one directory written by dlm data prepare"
                 )
-            if self.format == "sft":
+            if FORMATS[self.format].prompts:
                 raise CrossFieldError(
                     "data.format", self.format, "token shards hold plain documents; read SFT data with source=files"
                 )
-        if self.format != "sft" and self.sft_template != "plain":
+        if not FORMATS[self.format].prompts and self.sft_template != "plain":
             raise CrossFieldError("data.sft_template", self.sft_template, "applies only to data.format=sft")
         return self
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dlm.data_streams.documents import Doc
+from dlm.data_streams.format_specs import data_format
 from dlm.data_streams.formats import format_all
 from dlm.errors import DataError
 
@@ -82,14 +83,15 @@ def build_eval_set(
     """Scan ``units`` ((held_out, document) pairs in source order), encoding only what is needed."""
     eval_docs: list[Doc] = []
     train_docs: list[Doc] = []
-    eval_need = max_rows * seq_len if fmt == "pretrain-packed" else max_rows
+    packed = data_format(fmt).packed  # a packed held-out set is measured in tokens, others in rows
+    eval_need = max_rows * seq_len if packed else max_rows
     eval_have, train_tokens = 0, 0
     iterator = iter(units)
     while chunk := list(islice(iterator, _SCAN_BATCH)):
         if eval_have < eval_need:
             docs = encode([u for held_out, u in chunk if held_out])
             eval_docs += docs
-            eval_have += sum(len(d.tokens) + 1 for d in docs) if fmt == "pretrain-packed" else len(docs)
+            eval_have += sum(len(d.tokens) + 1 for d in docs) if packed else len(docs)
         if train_tokens < UNIGRAM_SAMPLE_TOKENS:
             docs = encode([u for held_out, u in chunk if not held_out])
             train_docs += docs

@@ -34,9 +34,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from dlm.data_streams.documents import Cursor, Doc
+from dlm.data_streams.format_specs import FORMATS, data_format
 from dlm.errors import DataError
 
-FORMATS: tuple[str, ...] = ("pretrain-packed", "rows", "sft")
+__all__ = ["FORMATS", "DocFeed", "format_all", "make_batch", "pack"]
 
 
 class DocStream(Protocol):
@@ -140,8 +141,10 @@ class _DropGuard:
         self.since = None
 
 
-def packed_batch(feed: DocFeed, rows: int, seq_len: int, eos_id: int) -> dict[str, np.ndarray]:
-    """``rows`` packed rows: documents back to back, each followed by EOS; row ``j`` from lane ``j % lanes``."""
+def packed_batch(feed: DocFeed, rows: int, seq_len: int, eos_id: int, pad_id: int | None = None,
+                 overflow: str = "drop") -> dict[str, np.ndarray]:
+    """``rows`` packed rows: documents back to back, each followed by EOS; row ``j`` from lane ``j % lanes``.
+    Packed rows are never padded and never overflow, so ``pad_id`` and ``overflow`` are unused."""
     ids = np.empty((rows, seq_len), dtype=np.int64)
     doc_ids = np.empty((rows, seq_len), dtype=np.int64)
     for r in range(rows):
@@ -223,14 +226,9 @@ def sft_batch(feed: DocFeed, rows: int, seq_len: int, eos_id: int, pad_id: int,
 
 def make_batch(fmt: str, feed: DocFeed, rows: int, seq_len: int, eos_id: int, pad_id: int,
                overflow: str) -> dict[str, np.ndarray]:
-    """One batch of ``rows`` x ``seq_len`` in format ``fmt``."""
-    if fmt == "pretrain-packed":
-        return packed_batch(feed, rows, seq_len, eos_id)
-    if fmt == "rows":
-        return doc_rows_batch(feed, rows, seq_len, eos_id, pad_id, overflow)
-    if fmt == "sft":
-        return sft_batch(feed, rows, seq_len, eos_id, pad_id, overflow)
-    raise ValueError(f"unknown format {fmt!r}; allowed: {', '.join(FORMATS)}")
+    """One batch of ``rows`` x ``seq_len`` in format ``fmt`` (its builder from the registry)."""
+    builder = globals()[data_format(fmt).builder]
+    return builder(feed, rows, seq_len, eos_id, pad_id, overflow)  # type: ignore[no-any-return]
 
 
 class ListStream:

@@ -36,6 +36,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from dlm.data_streams.documents import Doc, ShardDocStream, TextDocStream, TextSource, sft_layouts
 from dlm.data_streams.eval_set import EvalSet, build_eval_set
+from dlm.data_streams.format_specs import data_format
 from dlm.data_streams.formats import DocFeed, make_batch
 from dlm.data_streams.shards import ShardSet
 from dlm.data_streams.sources import HubDataset, file_pieces, hub_pieces, limit_pieces, resolve_files
@@ -381,7 +382,7 @@ def open_source(data: DataSection, tokenizer: TokenizerInfo) -> TextSource | Sha
         pieces = hub_pieces(HubDataset(data.hub_name, data.hub_config, data.hub_split, data.hub_revision))
     else:
         pieces = file_pieces(resolve_files(data.paths))
-    sft = data.format == "sft"
+    sft = data_format(data.format).prompts
     layouts = sft_layouts(pieces) if sft else {}
     if data.max_docs is not None:
         pieces = limit_pieces(pieces, data.max_docs, lambda p: layouts[p.name][1] if sft else [data.text_column])
@@ -446,7 +447,7 @@ def build_pretrain_stream(
     spec = StreamSpec(
         source=source, fmt=data.format, eos_id=tokenizer.eos_id, pad_id=pad_id, overflow=data.overflow, seed=seed,
         shuffle=data.shuffle, shuffle_buffer=data.shuffle_buffer, eval_threshold=threshold, rank=rank,
-        world_size=world_size, lanes=micro_batch_size if data.format == "pretrain-packed" else 1,
+        world_size=world_size, lanes=micro_batch_size if data_format(data.format).packed else 1,
     )
     return TrainStream(spec, micro_batch_size=micro_batch_size, seq_len=data.seq_len, num_workers=workers,
                        eval_set=eval_set, worker_batches=data.worker_batches)

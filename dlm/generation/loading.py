@@ -18,6 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_model
 
+from dlm.data_streams.format_specs import FORMATS
 from dlm.data_streams.sft import SftExample, encode_examples
 from dlm.data_streams.tokenizer import TokenizerInfo, check_vocab, encode_texts, load_tokenizer
 from dlm.errors import GenerationError
@@ -54,7 +55,8 @@ def _run_config(directory: Path) -> dict[str, Any]:
 
 def _template_of(run_config: dict[str, Any]) -> PromptTemplate:
     data = run_config.get("data") or {}
-    if data.get("format") == "sft":
+    spec = FORMATS.get(data.get("format", ""))
+    if spec is not None and spec.prompts:
         return "chat" if data.get("sft_template") == "chat" else "plain"
     return "raw"
 

@@ -15,6 +15,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
+from dlm.data_streams.format_specs import ANSWER_LENGTH_FORMATS, FORMATS
 from dlm.sections import CrossFieldError, Section
 
 
@@ -56,8 +57,9 @@ class ObjectiveSection(Section):
 
     def check_rows(self, data_format: str, length_head: bool) -> None:
         """The objective against the rows it trains on (``data.format``) and the model's length head."""
-        if (self.kind == "sft") != (data_format == "sft"):
-            fix = "set objective.kind=sft" if data_format == "sft" else "use data.format=sft for SFT"
+        rows = FORMATS[data_format]
+        if (self.kind == "sft") != rows.prompts:
+            fix = "set objective.kind=sft" if rows.prompts else "use data.format=sft for SFT"
             raise CrossFieldError("objective.kind", self.kind, f"does not fit data.format = {data_format!r}; {fix}")
         if self.length_loss_weight > 0:
             if not length_head:
@@ -65,14 +67,14 @@ class ObjectiveSection(Section):
                     "objective.length_loss_weight", self.length_loss_weight,
                     "needs a length head: set model.length_head.max_len (a power of two), or weight 0",
                 )
-            if data_format == "pretrain-packed":
+            if not rows.answer_lengths:
                 raise CrossFieldError(
                     "objective.length_loss_weight", self.length_loss_weight,
                     "needs rows with answer lengths: data.format rows ([text, EOS, pad ...]) or sft",
                 )
-        if self.canvas_share > 0 and data_format == "pretrain-packed":
+        if self.canvas_share > 0 and not rows.answer_lengths:
             raise CrossFieldError("objective.canvas_share", self.canvas_share,
-                                  "needs rows with answer lengths: data.format rows or sft")
+                                  f"needs rows with answer lengths: data.format {ANSWER_LENGTH_FORMATS}")
 
 
 class CurriculumSection(Section):
@@ -96,9 +98,9 @@ class CurriculumSection(Section):
     def check_lengths(self, data_format: str, micro_batch_size: int, seq_len: int) -> None:
         """Every length the curriculum names must split a micro-batch's tokens (``micro_batch_size`` rows of
         ``seq_len``) into whole rows; pad annealing needs padded rows (``data.format`` rows or sft)."""
-        if self.pad_annealing_steps and data_format == "pretrain-packed":
+        if self.pad_annealing_steps and not FORMATS[data_format].answer_lengths:
             raise CrossFieldError("curriculum.pad_annealing_steps", self.pad_annealing_steps,
-                                  "applies to padded rows only: data.format rows or sft")
+                                  f"applies to padded rows only: data.format {ANSWER_LENGTH_FORMATS}")
         if self.kind == "none":
             return
         tokens = micro_batch_size * seq_len
