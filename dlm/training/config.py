@@ -17,6 +17,7 @@ from pydantic import Field, model_validator
 
 from dlm.data_streams.format_specs import ANSWER_LENGTH_FORMATS, FORMATS
 from dlm.sections import CrossFieldError, Section
+from dlm.training.engines import ENGINES
 
 
 class ObjectiveSection(Section):
@@ -170,7 +171,7 @@ class EngineSection(Section):
     rather than a silent override, because a run whose batch differs from its config cannot be reproduced.
     """
 
-    kind: Literal["plain", "deepspeed"] = "plain"
+    kind: Literal[tuple(ENGINES)] = "plain"  # type: ignore[valid-type]  # the engine registry's names
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed_config: Optional[str] = Field(None, description="DeepSpeed JSON, e.g. configs/zero/zero3.json")
     zero_stage: Optional[int] = Field(None, ge=0, le=3, description="0-3; overrides the JSON (default there, else 0)")

@@ -50,8 +50,8 @@ train`` (the parity tests rely on that)."""
 def build_ds_config(cfg: RunConfig, world_size: int, device: torch.device) -> dict[str, Any]:
     """The DeepSpeed config of this run: the JSON's tuning keys plus everything dlm decides.
 
-    :func:`dlm.config._check_distributed` has already refused a JSON that contradicts the run config, so
-    here ours simply replace its ``"auto"`` placeholders.
+    :meth:`dlm.training.config.EngineSection.check_batch` has already refused a JSON that contradicts the run
+    config, so here ours simply replace its ``"auto"`` placeholders.
     """
     engine, run = cfg.engine, cfg.run
     ds = dict(engine.deepspeed_json())

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dlm.config import ObjectiveSection
 from dlm.kernels import annealed_mask, masked_lm_loss_rows
 from dlm.modeling.length_head import length_head_terms
+from dlm.training.config import ObjectiveSection
 from dlm.training.noise import NoiseSchedule
 
 T_BUCKETS: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)
