@@ -53,26 +53,37 @@ def assert_same_weights(got: Path, want: Path, atol: float = 0.0) -> None:
             torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=name)
 
 
+def start_run(argv: list[str], stderr: int | None = subprocess.DEVNULL) -> subprocess.Popen[str]:
+    """``python -m dlm.cli ARGV`` in its own process group (a signal to the group reaches the workers it
+    spawns, as a terminal's Ctrl-C or a scheduler's kill does)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "dlm.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True,
+        start_new_session=True,
+    )
+
+
+def wait_until(proc: subprocess.Popen[str], ready: Any, timeout: float = 300) -> None:
+    """Return once ``ready()`` holds, polling what the other process writes (a file: there is no event to wait
+    on across processes); fail if the run ended or ``timeout`` passed first, since the test would then prove
+    nothing."""
+    deadline = time.monotonic() + timeout
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None and ready(), "the run ended (or timed out) before the test could act on it"
+
+
 def kill_after_first_checkpoint(argv: list[str], run_dir: Path, timeout: float = 300) -> int:
     """Run ``python -m dlm.cli ARGV`` in its own process group, SIGKILL the whole group as soon as a complete
     checkpoint exists (a crash of the launcher and every worker it started), and return that checkpoint's step.
 
     Fails when the run ended before the kill: then the test would prove nothing about resuming.
     """
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlm.cli", *argv],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group: the kill reaches the spawned workers too
-    )
+    proc = start_run(argv)
     latest = run_dir / "checkpoints" / "latest"
-    deadline = time.monotonic() + timeout
-    while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_until(proc, latest.exists, timeout)
     try:
         os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    except ProcessLookupError:  # it ended between the check and the kill: the assertion below says so
         pass
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished (or failed) before it could be killed"

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +22,7 @@ from dlm.training.checkpoint import CheckpointError, Checkpointer, load_state
 from dlm.training.metrics import read_records
 
 from .conftest import ROOT, tiny_overrides
-from .runs import SMOKE, metric_records
+from .runs import SMOKE, metric_records, start_run, wait_until
 from .test_checkpoint import _engine, _save
 
 
@@ -246,26 +245,15 @@ def test_torch_save_on_a_full_disk_is_recognised(tmp_path: Path, monkeypatch: py
 # -- 5. SIGTERM / SIGINT: save at the step boundary, stop, resume exactly ----------------------------------------
 
 
-def _start(argv: list[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "dlm.cli", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )
-
-
-def _signal_after_first_step(proc: subprocess.Popen[str], run_dir: Path, signum: int, group: bool) -> str:
-    """Send ``signum`` once the run has logged a step (to its process group, as a terminal or a scheduler
-    does, or to the process alone); return its stderr after it exits."""
+def _signal_after_first_step(argv: list[str], run_dir: Path, signum: int, group: bool) -> tuple[int, str]:
+    """Start a run, send ``signum`` once it has logged a step (to its process group, as a terminal or a
+    scheduler does, or to the process alone), and return its exit code and stderr."""
+    proc = start_run(argv, stderr=subprocess.PIPE)
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.is_file() and metrics.read_text().strip():
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, "the run ended before it could be signalled"
+    wait_until(proc, lambda: metrics.is_file() and bool(metrics.read_text().strip()))
     (os.killpg if group else os.kill)(proc.pid, signum)
     _, err = proc.communicate(timeout=300)
-    return err
+    return proc.returncode, err
 
 
 @pytest.mark.parametrize(
@@ -281,9 +269,8 @@ def test_a_stop_signal_saves_at_a_step_boundary_and_resume_repeats_the_run(
     straight = tmp_path / "straight"
     assert main(["train", SMOKE, *_overrides(straight, **extra)]) == 0
     run = tmp_path / "run"
-    proc = _start(["train", SMOKE, *_overrides(run, **extra)])
-    err = _signal_after_first_step(proc, run, signum, group)
-    assert proc.returncode == 128 + signum, err
+    returncode, err = _signal_after_first_step(["train", SMOKE, *_overrides(run, **extra)], run, signum, group)
+    assert returncode == 128 + signum, err
     stopped = _steps(run)
     assert len(stopped) == 1 and 0 < stopped[0] < steps, err
     name = signal.Signals(signum).name
@@ -297,9 +284,8 @@ def test_a_stop_signal_saves_at_a_step_boundary_and_resume_repeats_the_run(
 def test_sigterm_to_dlm_launch_stops_every_rank_at_the_same_step(tmp_path: Path) -> None:
     run = tmp_path / "launch"
     argv = ["launch", SMOKE, *_overrides(run, run__steps=40, checkpoint__interval=0), "--workers", "2"]
-    proc = _start(argv)
-    err = _signal_after_first_step(proc, run, signal.SIGTERM, group=False)  # the launcher alone, like `kill`
-    assert proc.returncode == 128 + signal.SIGTERM, err
+    returncode, err = _signal_after_first_step(argv, run, signal.SIGTERM, group=False)  # the launcher alone
+    assert returncode == 128 + signal.SIGTERM, err
     (step,) = _steps(run)
     saved = run / "checkpoints" / f"step_{step:06d}"
     assert sorted(p.name for p in saved.glob("client_rank*.pt")) == ["client_rank00000.pt", "client_rank00001.pt"]
