@@ -77,6 +77,12 @@ class RunConfig(Section):
         """The objective, the row format, the length head and the curriculum must fit together."""
         head = self.model.resolve().length_head
         self.objective.check_rows(self.data.format, length_head=head is not None and head.enabled)
+        if self.optim.length_head_lr is not None and (head is None or not head.enabled):
+            raise CrossFieldError(
+                "optim.length_head_lr", self.optim.length_head_lr,
+                "sets the rate of a length head this model does not have: set model.length_head.max_len, "
+                "or drop optim.length_head_lr",
+            )
         self.curriculum.check_lengths(self.data.format, self.run.micro_batch_size, self.data.seq_len)
         return self
 

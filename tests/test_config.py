@@ -40,7 +40,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        (["optim.lrr=1"], "optim.lrr: unknown key; allowed keys here: betas, eps, grad_clip, lr, weight_decay"),
+        (["optim.lrr=1"], "optim.lrr: unknown key; allowed keys here: betas, eps, grad_clip, length_head_lr, lr, weight_decay"),
         (["bogus.x=1"], "bogus: unknown key"),
         (["optim.lr=abc"], "optim.lr = 'abc': Input should be a valid number"),
         (["optim.lr=-1"], "optim.lr = -1: Input should be greater than 0"),

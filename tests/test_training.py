@@ -91,14 +91,19 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor() -> None:
     assert lr_multiplier(50, **{**kw, "kind": "constant"}) == 1.0
 
 
-def test_plain_engine_matches_torch_adamw_with_clipping() -> None:
-    cfg = load_config(SMOKE, ["optim.grad_clip=0.5", "schedule.warmup_steps=2", "run.steps=5", "engine.precision=fp32"])
+def _engine_and_reference_twin(cfg: RunConfig) -> tuple[DiffusionTransformer, DiffusionTransformer, PlainEngine]:
+    """A 1-layer model of ``cfg``'s shape under a PlainEngine, and an identical copy to step by hand."""
     arch = cfg.model.resolve().model_copy(update={"vocab_size": 64, "d_model": 16, "n_layers": 1, "n_heads": 2, "mlp_hidden": 32})
     torch.manual_seed(0)
     ours = DiffusionTransformer(arch)
     ref = DiffusionTransformer(arch)
     ref.load_state_dict(ours.state_dict())
-    engine = PlainEngine(ours, cfg, torch.device("cpu"))
+    return ours, ref, PlainEngine(ours, cfg, torch.device("cpu"))
+
+
+def test_plain_engine_matches_torch_adamw_with_clipping() -> None:
+    cfg = load_config(SMOKE, ["optim.grad_clip=0.5", "schedule.warmup_steps=2", "run.steps=5", "engine.precision=fp32"])
+    ours, ref, engine = _engine_and_reference_twin(cfg)
     decay = [p for p in ref.parameters() if p.ndim >= 2]
     no_decay = [p for p in ref.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW(
@@ -123,6 +128,62 @@ def test_plain_engine_matches_torch_adamw_with_clipping() -> None:
     for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert engine.optimizer.defaults["fused"]
+
+
+def test_length_head_lr_gives_the_head_its_own_peak_rate_under_the_same_schedule() -> None:
+    """`optim.length_head_lr`: the head's parameters step as AdamW with that peak rate would step them, the
+    backbone's at `optim.lr`, both scaled by one warmup + cosine multiplier; the DeepSpeed engine's optimizer
+    (its model wrapped, so names carry a prefix) gets the same groups."""
+    from dlm.training.deepspeed_engine import _make_optimizer, _Objective
+
+    overrides = ["optim.lr=1e-3", "optim.length_head_lr=5e-2", "schedule.warmup_steps=2", "run.steps=4",
+                 "engine.precision=fp32", "model.length_head.max_len=16", "model.length_head.min_bucket=4",
+                 "model.length_head.hidden=8"]
+    cfg = load_config(SMOKE, overrides)
+    ours, ref, engine = _engine_and_reference_twin(cfg)
+    head = {id(p) for p in ref.length_head.parameters()}
+    groups = [
+        {"params": [p for p in ref.parameters() if id(p) not in head and p.ndim >= 2], "weight_decay": 0.1},
+        {"params": [p for p in ref.parameters() if id(p) not in head and p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in ref.length_head.parameters() if p.ndim >= 2], "weight_decay": 0.1, "lr": 5e-2},
+        {"params": [p for p in ref.length_head.parameters() if p.ndim < 2], "weight_decay": 0.0, "lr": 5e-2},
+    ]
+    opt = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.95), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_multiplier(s, warmup_steps=2, total_steps=4, kind="cosine", min_lr_ratio=0.1)
+    )
+    x = torch.randint(0, 64, (2, 8))
+    prompt = torch.ones(2, 8, dtype=torch.bool)
+
+    def loss(model: DiffusionTransformer) -> torch.Tensor:
+        hidden = model(x)
+        out = model.length_head(hidden, prompt)
+        return hidden.pow(2).mean() - out.bucket_logits[:, 0].mean() + (out.eos_logits - 3).pow(2).mean()
+
+    for _ in range(4):
+        engine.backward(loss(ours))
+        engine.step()
+        loss(ref).backward()
+        torch.nn.utils.clip_grad_norm_(list(ref.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    assert [g["lr"] for g in engine.optimizer.param_groups] == pytest.approx([g["lr"] for g in opt.param_groups])
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    moved = ours.length_head.bucket.out.weight.abs().max()  # zero at initialisation
+    assert moved > 10 * 1e-3  # the head moved at its own rate, far beyond what 4 steps at 1e-3 allow
+
+    ds = _make_optimizer("torch-adamw", _Objective(ours, chunk_size=64), cfg, torch.device("cpu"))
+    assert [len(g["params"]) for g in ds.param_groups] == [len(g["params"]) for g in groups]
+    assert [g["lr"] for g in ds.param_groups] == [1e-3, 1e-3, 5e-2, 5e-2]
+
+
+def test_length_head_lr_without_a_length_head_is_refused() -> None:
+    from dlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.length_head_lr.*does not have: set model.length_head.max_len"):
+        load_config(SMOKE, ["optim.length_head_lr=1e-3"])
 
 
 def test_unigram_output_bias_starts_a_fresh_model_at_the_unigram_loss(tmp_path: Path) -> None:

@@ -143,6 +143,11 @@ class OptimSection(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+    length_head_lr: float | None = Field(
+        None, gt=0.0,
+        description="peak LR of the length head's parameters (default: lr); a fresh head on a pretrained "
+        "backbone learns faster at a higher rate than the backbone's fine-tuning rate",
+    )
 
     @model_validator(mode="after")
     def _betas_in_range(self) -> OptimSection:

@@ -36,6 +36,7 @@ from dlm.modeling import DiffusionTransformer, TransformerConfig, build_model, p
 from dlm.training.distributed import backend_for
 from dlm.training.precision import resolve_precision
 from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss
+from dlm.training.param_groups import param_groups
 from dlm.training.schedule import build_scheduler
 
 CHECKPOINT_TAG = "ds"
@@ -107,19 +108,9 @@ class _Objective(nn.Module):
         return out
 
 
-def _decays(param: nn.Parameter) -> bool:
-    """Matrices decay, gains and biases do not; ZeRO-3 partitions are flat, their true shape is ``ds_shape``."""
-    return len(getattr(param, "ds_shape", param.shape)) >= 2
-
-
 def _make_optimizer(kind: str, model: nn.Module, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer DeepSpeed wraps: same hyper-parameters and decay groups as the plain engine."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if _decays(p)], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in params if not _decays(p)], "weight_decay": 0.0},
-    ]
-    groups = [g for g in groups if g["params"]]
+    """The optimizer DeepSpeed wraps: the plain engine's hyper-parameters and groups (:mod:`.param_groups`)."""
+    groups = param_groups(model, cfg.optim)
     common = {"lr": cfg.optim.lr, "betas": cfg.optim.betas, "eps": cfg.optim.eps}
     if kind == "torch-adamw":
         return torch.optim.AdamW(groups, **common)

@@ -21,6 +21,7 @@ from dlm.config import RunConfig
 from dlm.modeling import TransformerConfig
 from dlm.training.engines import engine_spec
 from dlm.training.objective import LossParts, NoisedBatch, diffusion_loss
+from dlm.training.param_groups import param_groups
 from dlm.training.precision import resolve_device, resolve_precision
 from dlm.training.schedule import build_scheduler
 
@@ -69,15 +70,6 @@ class Engine(Protocol):
         (ZeRO-3 ``zero.Init``), which changes how initial weights are filled in."""
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (projections, embeddings); never norms' gains or biases, whose scale is meaningful."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class PlainEngine:
     """Plain torch: AdamW, warmup + cosine, global-norm clipping, optional bf16 autocast.
 
@@ -97,7 +89,7 @@ class PlainEngine:
         self.amp_dtype = resolve_precision(cfg.engine.precision, device)
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = torch.optim.AdamW(
-            param_groups(model, cfg.optim.weight_decay),
+            param_groups(model, cfg.optim),
             lr=cfg.optim.lr,
             betas=cfg.optim.betas,
             eps=cfg.optim.eps,
