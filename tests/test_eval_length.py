@@ -293,7 +293,16 @@ def test_an_sft_mix_of_files_with_different_layouts(runs: dict[str, Path], loade
         assert (point is None) == (alone[name] is None)
         if point is not None:
             assert point["q"] == alone[name]["q"] and point["coverage"] == alone[name]["coverage"]
-    assert "Each data file alone (its own q):" in report.markdown()
+    # and each file's q fixed in advance: the cross-fitted point of that file's examples alone
+    alone_report = evaluate_length(runs["data"], loaded, fixed=[16], progress=False)
+    assert set(report.cross_fitted_by_source) == {"cats.jsonl", "alpaca.json"}
+    for name, cross in report.cross_fitted_by_source["cats.jsonl"].items():
+        assert cross == alone_report.cross_fitted[name]
+    assert all(len(c["qs"]) == 2 for c in report.cross_fitted_by_source["alpaca.json"].values())  # 2 examples, 2 folds
+    text = report.markdown()
+    assert "Each data file alone (its own q; then q fixed in advance on that file):" in text
+    assert "| predictor | cats.jsonl | cats.jsonl, q in advance | alpaca.json | alpaca.json, q in advance |" in text
+    assert report.as_dict()["cross_fitted_by_source"]["cats.jsonl"] == report.cross_fitted_by_source["cats.jsonl"]
 
 
 def test_two_files_of_the_same_name_are_told_apart_by_path(runs: dict[str, Path], loaded: LoadedModel,
@@ -307,6 +316,7 @@ def test_two_files_of_the_same_name_are_told_apart_by_path(runs: dict[str, Path]
 def test_one_file_has_no_per_file_table(runs: dict[str, Path], loaded: LoadedModel) -> None:
     report = _eval(runs, loaded, fixed=[16])
     assert all(not m.by_source for m in report.methods) and not report.frontier_by_source
+    assert not report.cross_fitted_by_source
     assert "By data file" not in report.markdown() and "Each data file alone" not in report.markdown()
 
 

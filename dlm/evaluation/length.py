@@ -22,7 +22,7 @@ the result and writes its tables and JSON. The names these modules export are im
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from dlm.errors import GenerationError
@@ -113,7 +113,9 @@ def evaluate_length(
     bucket over the head's buckets), ``mean_budget``, and ``est_canvas_tokens`` (:mod:`dlm.evaluation.cost`).
     ``frontier``: each predictor's best coverage with a mean budget / true length within ``target_ratio``
     (:func:`coverage_at_ratio`) and ``cross_fitted`` the same with q chosen on other folds
-    (:func:`cross_fitted_point`); with several files, every method's metrics per file too (``by_source``).
+    (:func:`cross_fitted_point`); with several files, every method's metrics per file too (``by_source``) and
+    each predictor's in-sample and cross-fitted points on each file alone (``frontier_by_source``,
+    ``cross_fitted_by_source``): a goal stated per file is met only when its own q, fixed in advance, meets it.
     A model without a length head still gets the fixed, zero-shot and oracle methods, with a note.
     """
     _check_args(q, fixed, limit, batch_size, steps_per_token, target_ratio)
@@ -151,7 +153,15 @@ def evaluate_length(
                                                    target_ratio) for src, idx in groups.items()},
         frontier={name: best_operating_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
         cross_fitted={name: cross_fitted_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
+        cross_fitted_by_source={src: {name: cross_fitted_point(_restricted(at, idx), [lengths[i] for i in idx],
+                                                               target_ratio) for name, at in budgets_at.items()}
+                                for src, idx in groups.items()},
     )
+
+
+def _restricted(budgets_at: Callable[[float], Sequence[int]], idx: Sequence[int]) -> Callable[[float], list[int]]:
+    """``q -> budgets`` of the examples ``idx`` alone (one file of a mix), from the mix's cached budgets."""
+    return lambda q: [budgets_at(q)[i] for i in idx]
 
 
 def _fixed_method(size: int, examples: Sequence[EvalExample], max_seq_len: int) -> MethodResult:

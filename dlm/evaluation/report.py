@@ -55,6 +55,7 @@ class LengthReport:
     frontier: dict[str, dict[str, float] | None] = field(default_factory=dict)
     frontier_by_source: dict[str, dict[str, dict[str, float] | None]] = field(default_factory=dict)
     cross_fitted: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    cross_fitted_by_source: dict[str, dict[str, dict[str, Any] | None]] = field(default_factory=dict)
 
     def method(self, name: str) -> MethodResult:
         """The result of method ``name`` (``fixed:512``, ``zero-shot``, ``eos-head``, ``bucket-head``, ``oracle``)."""
@@ -166,13 +167,18 @@ def _frontier_tables(r: LengthReport) -> list[str]:
                      f"| {name} | – | none within {r.target_ratio:g} | – | {held} |")
     if r.frontier_by_source:
         files = list(r.frontier_by_source)
-        lines += ["", "Each data file alone (its own q):", "",
-                  "| predictor | " + " | ".join(files) + " |", "|" + "---|" * (1 + len(files))]
+        lines += ["", "Each data file alone (its own q; then q fixed in advance on that file):", "",
+                  "| predictor | " + " | ".join(f"{f} | {f}, q in advance" for f in files) + " |",
+                  "|" + "---|" * (1 + 2 * len(files))]
         for name in r.frontier:
-            cells = [r.frontier_by_source[f][name] for f in files]
-            lines.append(f"| {name} | " + " | ".join(
-                f"{c['coverage']:.1%} at {c['mean_ratio']:.2f} (q {c['q']:g})" if c else "–" for c in cells)
-                + " |")
+            cells = []
+            for f in files:
+                point = r.frontier_by_source[f][name]
+                cross = r.cross_fitted_by_source.get(f, {}).get(name)
+                cells.append(f"{point['coverage']:.1%} at {point['mean_ratio']:.2f} (q {point['q']:g})"
+                             if point else "–")
+                cells.append(f"{cross['coverage']:.1%} at {cross['mean_ratio']:.2f}" if cross else "–")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return lines + ["", "q is picked on these examples: a point of each predictor's trade-off curve. "
                     f"q fixed in advance: each of {CROSS_FIT_FOLDS} folds scored with the q picked on the others "
                     "(coverage at the mean b/L it then gets), what a user who sets q before seeing answers gets."]
