@@ -142,20 +142,21 @@ def evaluate_length(
         for m in methods:
             measure_generation(loaded, examples, m, steps_per_token=steps_per_token, batch_size=batch_size,
                                block_length=block_length, seed=seed, synthetic=source.synthetic, progress=progress)
-    budgets_at = {name: budgets_by_q(readings, name) for name in predictors}  # shared by both target searches
+    budgets_at = {name: budgets_by_q(readings, name) for name in predictors}  # shared by every target search
+    by_file = {src: ({name: _restricted(at, idx) for name, at in budgets_at.items()}, [lengths[i] for i in idx])
+               for src, idx in groups.items()}
     return LengthReport(
         data=str(data) if isinstance(data, (str, Path)) else ", ".join(map(str, data)),
         model=str(loaded.directory), layout=source.layout, template=source.template, synthetic=source.synthetic,
         q=q, width=width, steps_per_token=steps_per_token, lengths=lengths, methods=methods,
         sweep=q_sweep(readings, lengths, predictors, q), notes=notes, generated=run_generation,
         target_ratio=target_ratio,
-        frontier_by_source={src: coverage_at_ratio(readings.subset(idx), [lengths[i] for i in idx], predictors,
-                                                   target_ratio) for src, idx in groups.items()},
+        frontier_by_source={src: {name: best_operating_point(at, file_lengths, target_ratio)
+                                  for name, at in ats.items()} for src, (ats, file_lengths) in by_file.items()},
         frontier={name: best_operating_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
         cross_fitted={name: cross_fitted_point(at, lengths, target_ratio) for name, at in budgets_at.items()},
-        cross_fitted_by_source={src: {name: cross_fitted_point(_restricted(at, idx), [lengths[i] for i in idx],
-                                                               target_ratio) for name, at in budgets_at.items()}
-                                for src, idx in groups.items()},
+        cross_fitted_by_source={src: {name: cross_fitted_point(at, file_lengths, target_ratio)
+                                      for name, at in ats.items()} for src, (ats, file_lengths) in by_file.items()},
     )
 
 
