@@ -76,8 +76,9 @@ class RunConfig(Section):
     def _objective(self) -> RunConfig:
         """The objective, the row format, the length head and the curriculum must fit together."""
         head = self.model.resolve().length_head
-        self.objective.check_rows(self.data.format, length_head=head is not None and head.enabled)
-        if self.optim.length_head_lr is not None and (head is None or not head.enabled):
+        has_head = head is not None and head.enabled
+        self.objective.check_rows(self.data.format, length_head=has_head)
+        if self.optim.length_head_lr is not None and not has_head:
             raise CrossFieldError(
                 "optim.length_head_lr", self.optim.length_head_lr,
                 "sets the rate of a length head this model does not have: set model.length_head.max_len, "

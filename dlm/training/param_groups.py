@@ -14,11 +14,10 @@ from typing import Any
 
 from torch import nn
 
+from dlm.modeling import LengthHead
 from dlm.training.config import OptimSection
 
-__all__ = ["LENGTH_HEAD_PARAM", "param_groups"]
-
-LENGTH_HEAD_PARAM = "length_head."
+__all__ = ["param_groups"]
 
 
 def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
@@ -26,16 +25,20 @@ def param_groups(model: nn.Module, optim: OptimSection) -> list[dict[str, Any]]:
 
     Without ``optim.length_head_lr`` there are two groups (decay, no decay), as a checkpoint written before
     that setting existed expects; with it, the length head's parameters form two more at that rate. A
-    parameter partitioned by ZeRO-3 is flat; its true rank is read from ``ds_shape``.
+    parameter partitioned by ZeRO-3 is flat; its true rank is read from ``ds_shape``. The head is found by its
+    module type, so a wrapper around the model (DeepSpeed's objective) changes nothing.
     """
     head_lr = optim.length_head_lr
+    head_params = set() if head_lr is None else {
+        id(p) for module in model.modules() if isinstance(module, LengthHead) for p in module.parameters()
+    }
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {
         (head, decay): [] for head in (False, True) for decay in (True, False)
     }
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if not param.requires_grad:
             continue
-        head = head_lr is not None and (name.startswith(LENGTH_HEAD_PARAM) or f".{LENGTH_HEAD_PARAM}" in name)
+        head = id(param) in head_params
         decay = len(getattr(param, "ds_shape", param.shape)) >= 2
         groups[(head, decay)].append(param)
     out = []
