@@ -10,7 +10,7 @@ bucket head), kept as probabilities, so any quantile ``q`` is cheap afterwards
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +26,7 @@ from dlm.data_streams.split import eval_threshold
 from dlm.errors import DataError, GenerationError
 from dlm.evaluation.synthetic import is_synthetic
 from dlm.generation import LoadedModel, next_power_of_two
-from dlm.generation.rows import pack_rows, run_model
+from dlm.generation.rows import RowBatch, pack_rows, run_model
 from dlm.modeling.length_head import bucket_edges
 
 Split = Literal["all", "held-out", "train"]
@@ -192,35 +192,63 @@ def _eos_probability(model: Any, canvas_hidden: torch.Tensor, eos_id: int) -> to
     return torch.cat(parts, dim=1)
 
 
+@dataclass(frozen=True)
+class PassBatch:
+    """One batch of the prediction pass: the examples at ``index`` as left-padded ``rows`` and the
+    backbone's final ``hidden`` states ``[B, prompt_width + W, d]`` (canvas from column ``rows.prompt_width``)."""
+
+    index: list[int]
+    rows: RowBatch
+    hidden: torch.Tensor
+    seconds: float
+
+
 @torch.no_grad()
-def read_lengths(
-    loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True
-) -> Readings:
-    """Run the prediction pass over every example (batches of ``batch_size``, similar prompt lengths together)."""
+def prediction_pass(
+    loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True,
+    desc: str = "length readings",
+) -> Iterator[PassBatch]:
+    """The backbone over ``[prompt, width masks]`` for every example, the state generation starts in (batches
+    of ``batch_size``, similar prompt lengths together). The length benchmark reads its predictors from it;
+    :mod:`dlm.training.head_fit` fits the head on it, so both see exactly what inference sees."""
     model = loaded.model
-    head = model.length_head
-    tok = loaded.tokenizer
     cfg = model.cfg
     longest = max(len(e.prompt_ids) for e in examples) + width
     if cfg.positions == "learned" and longest > cfg.max_seq_len:
         raise GenerationError(f"prompt + canvas reaches {longest} tokens but this model's learned positions stop at "
                               f"{cfg.max_seq_len}; use --limit on shorter prompts or smaller --fixed canvases")
     device = next(model.parameters()).device
+    mask_id = loaded.tokenizer.mask_id
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].prompt_ids))
+    bar = tqdm(total=len(examples), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(examples), batch_size):
+        idx = order[start : start + batch_size]
+        prompts = [torch.tensor(examples[i].prompt_ids, dtype=torch.long, device=device) for i in idx]
+        canvases = [torch.full((width,), mask_id, dtype=torch.long, device=device)] * len(idx)
+        rows = pack_rows(prompts, canvases, loaded.tokenizer.pad_id)
+        t0 = time.perf_counter()
+        hidden = run_model(model, rows)
+        yield PassBatch(idx, rows, hidden, time.perf_counter() - t0)
+        bar.update(len(idx))
+    bar.close()
+
+
+@torch.no_grad()
+def read_lengths(
+    loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True
+) -> Readings:
+    """Every predictor's readings from :func:`prediction_pass`, as probabilities."""
+    model = loaded.model
+    head = model.length_head
     n = len(examples)
     zero_shot = np.zeros((n, width), dtype=np.float32)
     eos_head = np.zeros((n, width), dtype=np.float32) if head is not None else None
     edges = head.cfg.edges if head is not None else bucket_edges(16, max(16, next_power_of_two(width)))
     bucket = np.zeros((n, len(edges)), dtype=np.float32) if head is not None else None
-    order = sorted(range(n), key=lambda i: len(examples[i].prompt_ids))
     backbone_s = lm_s = 0.0
-    bar = tqdm(total=n, desc="length readings", unit="prompt", disable=not progress)
-    for start in range(0, n, batch_size):
-        idx = order[start : start + batch_size]
-        prompts = [torch.tensor(examples[i].prompt_ids, dtype=torch.long, device=device) for i in idx]
-        canvases = [torch.full((width,), tok.mask_id, dtype=torch.long, device=device)] * len(idx)
-        rows = pack_rows(prompts, canvases, tok.pad_id)
+    for batch in prediction_pass(loaded, examples, width, batch_size=batch_size, progress=progress):
+        idx, rows, hidden = batch.index, batch.rows, batch.hidden
         t0 = time.perf_counter()
-        hidden = run_model(model, rows)
         if head is not None:
             out = head(hidden, rows.prompt_mask)
             assert eos_head is not None and bucket is not None
@@ -229,11 +257,9 @@ def read_lengths(
         t1 = time.perf_counter()
         # a shift model (objective.shift) predicts position i from the state at i - 1, as canvas_logits reads it
         lo = rows.prompt_width - 1 if loaded.shift else rows.prompt_width
-        zero_shot[idx] = _eos_probability(model, hidden[:, lo : lo + width], tok.eos_id).cpu().numpy()
+        zero_shot[idx] = _eos_probability(model, hidden[:, lo : lo + width], loaded.tokenizer.eos_id).cpu().numpy()
         t2 = time.perf_counter()
-        backbone_s += t1 - t0
+        backbone_s += batch.seconds + t1 - t0
         lm_s += t2 - t1
-        bar.update(len(idx))
-    bar.close()
     min_budget = head.cfg.min_bucket if head is not None else 16
     return Readings(width, zero_shot, eos_head, bucket, edges, min(min_budget, width), backbone_s, lm_s)

@@ -206,8 +206,17 @@ class LengthHead(nn.Module):
                 f"length head expects hidden [B, T, d] and prompt_mask [B, T], got {tuple(hidden.shape)} "
                 f"and {tuple(prompt_mask.shape)}"
             )
-        eos_logits = self.eos(hidden).squeeze(-1).float()
-        bucket_logits = self.bucket(self.pool(hidden, prompt_mask)).float()
+        return self.read(hidden, prompt_mask, hidden)
+
+    def read(self, prompt_hidden: Tensor, prompt_mask: Tensor, canvas_hidden: Tensor) -> LengthHeadOutput:
+        """Both heads from separate states: the bucket head pools ``prompt_hidden [B, P, d]`` over
+        ``prompt_mask [B, P]``, the EOS head reads every position of ``canvas_hidden [B, W, d]``.
+
+        :meth:`forward` passes one row's states as both; a caller that holds the prompt's and the canvas's
+        states apart (``dlm fit-head``'s cache) skips the positions each head would ignore.
+        """
+        eos_logits = self.eos(canvas_hidden).squeeze(-1).float()
+        bucket_logits = self.bucket(self.pool(prompt_hidden, prompt_mask)).float()
         return LengthHeadOutput(eos_logits=eos_logits, bucket_logits=bucket_logits, edges=tuple(self.cfg.edges))
 
 
