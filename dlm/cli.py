@@ -321,6 +321,51 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
     length.set_defaults(func=_eval_length)
 
 
+def _fit_head(args: argparse.Namespace) -> int:
+    from dlm.training.head_fit import fit_head
+
+    record = fit_head(
+        args.model, args.data, args.out, limit=args.limit, cache=args.cache, device=args.device,
+        batch_size=args.batch_size, overwrite=args.overwrite, epochs=args.epochs, lr=args.lr,
+        weight_decay=args.weight_decay, val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
+    )
+    history, kept = record["history"], record["best_epoch"]
+    eos, bucket = history[kept["eos"]], history[kept["bucket"]]
+    files = ", ".join(f"{name} {count}" for name, count in record["examples"].items())
+    print(f"fitted on {record['train_examples']} examples ({files}), validated on {record['val_examples']}")
+    print(f"EOS head: epoch {kept['eos']} kept, validation BCE {history[0]['val_eos_bce']:.4f} -> "
+          f"{eos['val_eos_bce']:.4f}")
+    print(f"bucket head: epoch {kept['bucket']} kept, validation CE {history[0]['val_bucket_ce']:.4f} -> "
+          f"{bucket['val_bucket_ce']:.4f}, accuracy {history[0]['val_bucket_acc']:.1%} -> "
+          f"{bucket['val_bucket_acc']:.1%}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _add_fit_head_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    fit = sub.add_parser("fit-head", help="fit the length head of a trained run on its frozen backbone's states "
+                                          "(training split only) and write a new run directory")
+    fit.add_argument("--model", required=True, help="run directory or checkpoint with a length head")
+    fit.add_argument("--data", required=True, action="append",
+                     help="the run's SFT data file (.json / .jsonl); repeat for a mix")
+    fit.add_argument("--out", required=True, help="the new run directory (the source run is never changed)")
+    fit.add_argument("--limit", type=int, default=None, help="only the first N training examples of each file")
+    fit.add_argument("--cache", default=None,
+                     help="safetensors file of backbone states, per example: those it holds for these weights are "
+                          "not run again, new ones are added")
+    fit.add_argument("--epochs", type=int, default=100, help="most epochs over the cached states")
+    fit.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    fit.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")
+    fit.add_argument("--val-fraction", type=float, default=0.1,
+                     help="share of the training examples that picks the epoch to keep")
+    fit.add_argument("--patience", type=int, default=10, help="stop after this many epochs without a better one")
+    fit.add_argument("--batch-size", type=int, default=8, help="prompts per backbone pass")
+    fit.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the validation split and the batch order")
+    fit.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    fit.set_defaults(func=_fit_head)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from dlm.launcher.dispatch import launch, load_launch_config
 
@@ -419,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_launch_parser(sub)
     _add_generate_parser(sub)
     _add_eval_parser(sub)
+    _add_fit_head_parser(sub)
     return parser
 
 

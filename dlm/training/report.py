@@ -57,3 +57,28 @@ def plot_loss_curve(metrics_path: Path, out: Path, unigram_entropy: float | None
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_head_fit(history: list[dict[str, float | None]], best_epoch: dict[str, int], out: Path) -> Path:
+    """``dlm fit-head``'s curves: the training loss per epoch, each classifier's validation loss with the epoch
+    it keeps, and the bucket head's validation accuracy."""
+    epochs = [h["epoch"] for h in history]
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 4), dpi=120)
+    loss_ax.plot(epochs[1:], [h["train_loss"] for h in history[1:]], label="fit examples: EOS BCE + bucket CE",
+                 color="tab:blue")
+    for metric, color, part in (("val_eos_bce", "tab:orange", "eos"), ("val_bucket_ce", "tab:green", "bucket")):
+        loss_ax.plot(epochs, [h[metric] for h in history], label=f"validation {metric[4:]}", color=color)
+        loss_ax.axvline(best_epoch[part], ls="--", color=color, alpha=0.6)
+    acc_ax.plot(epochs, [h["val_bucket_acc"] for h in history], color="tab:green")
+    acc_ax.axvline(best_epoch["bucket"], ls="--", color="tab:green", alpha=0.6, label="kept")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch over the cached backbone states (0: as trained jointly)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    loss_ax.set_ylabel("loss (dashed: the epoch each classifier keeps)")
+    acc_ax.set_ylabel("bucket accuracy (validation)")
+    fig.suptitle("dlm fit-head: the length head on a frozen backbone")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

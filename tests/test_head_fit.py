@@ -1,0 +1,198 @@
+"""``dlm fit-head``: the length head fitted on a frozen backbone's cached states. It must train on exactly the
+state inference reads, learn the lengths it is shown, read only the training split, never return a head worse
+than the one it started from, leave every backbone tensor as it was, and refuse what it cannot do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import dlm.training.head_fit as head_fit
+from dlm.cli import main
+from dlm.evaluation.length import read_all, read_lengths
+from dlm.generation import load_for_generation
+from dlm.modeling import LengthHead
+from dlm.training.head_fit import (
+    HeadFeatures,
+    HeadFitError,
+    score_head,
+    cached_features,
+    example_key,
+    extract_features,
+    fit_head,
+    fit_length_head,
+)
+
+from .test_eval_length import _write_data, _write_run
+
+LENGTHS = tuple(range(1, 41))  # buckets 16 and 32 of a max_len 32 head: 1-16 short, 17-40 long
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("head_fit")
+    _write_run(root / "head", head=True)
+    _write_run(root / "plain", head=False)
+    config = root / "head" / "config.yaml"
+    run = yaml.safe_load(config.read_text())
+    run["data"]["eval_fraction"] = 0.25  # a held-out split of about 10 examples
+    config.write_text(yaml.safe_dump(run))
+    return {"root": root, "head": root / "head", "plain": root / "plain",
+            "data": _write_data(root / "cats.jsonl", LENGTHS)}
+
+
+@pytest.fixture(scope="module")
+def cached(setup: dict[str, Path]) -> tuple[LengthHead, HeadFeatures]:
+    """The tiny run's head and its backbone's states over every example of the data file."""
+    loaded = load_for_generation(setup["head"], device="cpu")
+    head = loaded.model.length_head
+    assert head is not None
+    examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=None).examples
+    return head, extract_features(loaded, examples, head.cfg.max_len, progress=False)
+
+
+def test_fit_learns_the_lengths_it_is_shown(setup: dict[str, Path], cached: tuple[LengthHead, HeadFeatures]) -> None:
+    head, feats = cached
+    everything = list(range(len(feats)))
+    before = score_head(head, feats, everything, 16)
+    result = fit_length_head(head, feats, epochs=300, lr=3e-2, val_fraction=0.0, batch_size=16, progress=False)
+    fitted = LengthHead(feats.canvas.shape[-1], head.cfg)
+    fitted.load_state_dict(result.state)
+    after = score_head(fitted, feats, everything, 16)
+    # the random head starts near chance; a linear probe on 40 distinct prompts separates the two buckets
+    assert before["bucket_acc"] < 0.8
+    assert after["bucket_acc"] >= 0.95
+    assert after["eos_bce"] < 0.5 * before["eos_bce"]
+    assert result.best_epoch == {"eos": 300, "bucket": 300} and len(result.history) == 301
+    assert result.state.keys() == head.state_dict().keys()
+    untouched = load_for_generation(setup["head"], device="cpu").model.length_head
+    assert untouched is not None and torch.equal(head.bucket.out.weight, untouched.bucket.out.weight)
+
+
+def test_fits_on_the_state_inference_reads(setup: dict[str, Path]) -> None:
+    """The cached states are the benchmark's prediction pass: the head on them gives the same probabilities
+    as ``dlm eval length`` reads from the model, padding and all."""
+    loaded = load_for_generation(setup["head"], device="cpu")
+    head = loaded.model.length_head
+    assert head is not None
+    examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=None).examples
+    width = head.cfg.max_len
+    feats = extract_features(loaded, examples, width, batch_size=3, progress=False)
+    readings = read_lengths(loaded, examples, width, batch_size=5, progress=False)
+    for i in range(len(examples)):
+        prompt, mask, canvas = feats.batch([i, (i + 7) % len(examples)])  # padded beside another prompt length
+        with torch.no_grad():
+            out = head.read(prompt, mask, canvas)
+            row_mask = torch.cat([mask, torch.zeros(mask.shape[0], canvas.shape[1], dtype=torch.bool)], dim=1)
+            whole = head(torch.cat([prompt, canvas], dim=1), row_mask)  # read() is forward() on one row
+        torch.testing.assert_close(out.bucket_probs()[0].numpy(), readings.bucket[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(out.eos_probs()[0].numpy(), readings.eos_head[i], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(whole.bucket_logits, out.bucket_logits, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(whole.eos_logits[:, prompt.shape[1] :], out.eos_logits, atol=1e-6, rtol=1e-5)
+
+
+def test_cli_writes_a_new_run_and_keeps_the_backbone(setup: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    out, cache = tmp_path / "fitted", tmp_path / "states.safetensors"
+    args = ["fit-head", "--model", str(setup["head"]), "--data", str(setup["data"]), "--out", str(out),
+            "--cache", str(cache), "--epochs", "40", "--lr", "1e-2", "--val-fraction", "0.2", "--device", "cpu"]
+    assert main(args) == 0
+    assert "bucket head: epoch" in capsys.readouterr().out
+    before, after = load_file(setup["head"] / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if not name.startswith("length_head."):
+            assert torch.equal(tensor, after[name]), name
+    assert any(not torch.equal(before[n], after[n]) for n in before if n.startswith("length_head."))
+    record = json.loads((out / "head_fit.json").read_text())
+    assert (out / "head_fit.png").stat().st_size > 0
+    # only the training split is read: the run's content-hash split at the default eval fraction
+    loaded = load_for_generation(setup["head"], device="cpu")
+    train = read_all(setup["data"], loaded, template=None, split="train", eval_fraction=None, limit=None).examples
+    held_out = read_all(setup["data"], loaded, template=None, split="held-out", eval_fraction=None, limit=None).examples
+    assert record["examples"] == {"cats.jsonl": len(train)} and len(held_out) > 0
+    assert record["train_examples"] + record["val_examples"] == len(train)
+    history, kept = record["history"], record["best_epoch"]
+    assert history[kept["eos"]]["val_eos_bce"] <= history[0]["val_eos_bce"]
+    assert history[kept["bucket"]]["val_bucket_ce"] <= history[0]["val_bucket_ce"]
+    assert (out / "config.yaml").read_text() == (setup["head"] / "config.yaml").read_text()
+    fitted = load_for_generation(out, device="cpu")  # a run directory generation and eval load as any other
+    assert fitted.model.length_head is not None
+    # a second fit reads the cache instead of the backbone; another out, same states
+    stamp = cache.stat().st_mtime_ns
+    assert main([*args[:6], str(tmp_path / "again"), *args[7:]]) == 0
+    assert cache.stat().st_mtime_ns == stamp
+    assert load_file(tmp_path / "again" / "model.safetensors").keys() == after.keys()
+
+
+def test_a_diverging_fit_returns_the_head_it_started_from(cached: tuple[LengthHead, HeadFeatures]) -> None:
+    head, feats = cached
+    result = fit_length_head(head, feats, epochs=5, lr=50.0, weight_decay=0.0, val_fraction=0.25, patience=5,
+                             progress=False)
+    assert result.best_epoch == {"eos": 0, "bucket": 0}
+    for name, tensor in head.state_dict().items():
+        assert torch.equal(tensor, result.state[name]), name
+
+
+def test_cache_round_trip_and_stale_cache(setup: dict[str, Path], tmp_path: Path) -> None:
+    loaded = load_for_generation(setup["head"], device="cpu")
+    examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=8).examples
+    feats = extract_features(loaded, examples, 32, progress=False)
+    feats.fingerprint = "weights A"
+    path = tmp_path / "states.safetensors"
+    feats.save(path)
+    back = HeadFeatures.load(path, "weights A")
+    assert torch.equal(back.canvas, feats.canvas) and torch.equal(back.lengths, feats.lengths)
+    assert all(torch.equal(a, b) for a, b in zip(back.prompts, feats.prompts))
+    assert back.sources == feats.sources and back.keys == [example_key(e) for e in examples]
+    with pytest.raises(HeadFitError, match="other weights or another canvas"):
+        HeadFeatures.load(path, "weights B")
+
+
+def test_cache_grows_and_computes_only_what_it_lacks(setup: dict[str, Path], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    loaded = load_for_generation(setup["head"], device="cpu")
+    examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=None).examples
+    computed: list[int] = []
+    real = head_fit.extract_features
+
+    def counting(loaded_: Any, chosen: Any, *args: Any, **kwargs: Any) -> HeadFeatures:
+        computed.append(len(chosen))
+        return real(loaded_, chosen, *args, **kwargs)
+
+    monkeypatch.setattr(head_fit, "extract_features", counting)
+    cache = tmp_path / "states.safetensors"
+    first = cached_features(loaded, examples[:10], 32, cache, progress=False)
+    grown = cached_features(loaded, examples[5:20], 32, cache, progress=False)  # 5 held, 10 new
+    again = cached_features(loaded, examples[:20], 32, cache, progress=False)  # all held
+    assert computed == [10, 10, 0]
+    assert len(HeadFeatures.load(cache, first.fingerprint)) == 20
+    direct = real(loaded, examples[:20], 32, progress=False)
+    for got in (first, grown, again):
+        lo = {10: 0, 15: 5, 20: 0}[len(got)]
+        torch.testing.assert_close(got.canvas, direct.canvas[lo : lo + len(got)], atol=1e-5, rtol=1e-4)
+        assert torch.equal(got.lengths, direct.lengths[lo : lo + len(got)])
+        assert got.keys == direct.keys[lo : lo + len(got)]
+
+
+def test_refusals(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["fit-head", "--data", str(setup["data"]), "--device", "cpu"]
+    assert main([*base, "--model", str(setup["plain"]), "--out", str(tmp_path / "a")]) == 2
+    assert "has no length head to fit" in capsys.readouterr().err
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main([*base, "--model", str(setup["head"]), "--out", str(full)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert (full / "keep.txt").read_text() == "mine"
+    assert main([*base, "--model", str(setup["head"]), "--out", str(tmp_path / "b"), "--epochs", "0"]) == 2
+    assert "fit settings out of range" in capsys.readouterr().err
+    with pytest.raises(HeadFitError, match="too few to fit"):
+        fit_head(setup["head"], [str(setup["data"])], tmp_path / "c", limit=1, device="cpu", progress=False,
+                 val_fraction=0.5)
