@@ -196,3 +196,15 @@ def test_refusals(setup: dict[str, Path], tmp_path: Path, capsys: pytest.Capture
     with pytest.raises(HeadFitError, match="too few to fit"):
         fit_head(setup["head"], [str(setup["data"])], tmp_path / "c", limit=1, device="cpu", progress=False,
                  val_fraction=0.5)
+
+
+@pytest.mark.gpu
+def test_backbone_on_cuda_fit_on_cpu(setup: dict[str, Path], tmp_path: Path) -> None:
+    """The backbone runs on the GPU, the cache and the fit stay on the CPU, and the fitted head equals the
+    one the same fit makes from CPU states (up to the two devices' rounding)."""
+    settings: dict[str, Any] = {"progress": False, "epochs": 20, "lr": 1e-2, "val_fraction": 0.0}  # keep the last
+    fit_head(setup["head"], [str(setup["data"])], tmp_path / "gpu", device="cuda", **settings)
+    fit_head(setup["head"], [str(setup["data"])], tmp_path / "cpu", device="cpu", **settings)
+    gpu, cpu = load_file(tmp_path / "gpu" / "model.safetensors"), load_file(tmp_path / "cpu" / "model.safetensors")
+    for name in cpu:
+        torch.testing.assert_close(gpu[name], cpu[name], atol=1e-3, rtol=1e-3)

@@ -22,6 +22,7 @@ import json
 import math
 import shutil
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -237,7 +238,7 @@ def fit_length_head(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).tolist()
     val, train = order[:n_val], order[n_val:]
-    model = copy.deepcopy(head).float().train().requires_grad_(True)
+    model = copy.deepcopy(head).float().to(feats.canvas.device).train().requires_grad_(True)
     stray = [k for k in model.state_dict() if not k.startswith(tuple(p for _, ps in _PARTS.values() for p in ps))]
     if stray:
         raise RuntimeError(f"length head tensors {stray} belong to no classifier of _PARTS; list them there")
@@ -327,9 +328,9 @@ def fit_head(
 ) -> dict[str, Any]:
     """``dlm fit-head``: read the training split of ``data`` (the run's content-hash split), cache the frozen
     backbone's states (:func:`cached_features`: an example ``cache`` holds for these weights is not run again),
-    fit the head
-    (:func:`fit_length_head`, ``fit`` passes through) and write a new run directory ``out``: the source run's
-    config and architecture, the backbone's tensors unchanged, the fitted head, and ``head_fit.json``.
+    fit the head (:func:`fit_length_head`, ``fit`` passes through) and write a new run directory ``out``: the
+    source run's config and architecture, the backbone's tensors unchanged, the fitted head, ``head_fit.json``
+    and ``head_fit.png``. The backbone runs on ``device``; the fit itself runs on the CPU, where the cache is.
     """
     check_settings(**fit)
     out_dir = Path(out)
@@ -349,13 +350,10 @@ def fit_head(
     result = fit_length_head(head, feats, progress=progress, **fit)
     t2 = time.perf_counter()
     head.load_state_dict(result.state)
-    counts: dict[str, int] = {}
-    for name in feats.sources:
-        counts[name] = counts.get(name, 0) + 1
     record = {
         "source": str(loaded.directory), "data": [str(d) for d in data], "split": "train", "limit": limit,
-        "examples": counts, "canvas": width, "feature_seconds": round(t1 - t0, 1), "fit_seconds": round(t2 - t1, 1),
-        "settings": {k: v for k, v in fit.items()}, **result.record(),
+        "examples": dict(Counter(feats.sources)), "canvas": width, "feature_seconds": round(t1 - t0, 1),
+        "fit_seconds": round(t2 - t1, 1), "settings": dict(fit), **result.record(),
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         save_model(loaded.model, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "dlm"})
