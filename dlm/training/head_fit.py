@@ -41,6 +41,8 @@ from dlm.modeling import LengthHead
 from dlm.modeling.hf_io import atomic_directory
 from dlm.modeling.length_head import length_head_terms
 from dlm.modeling.manifest import file_checksum
+from dlm.training.config import OptimSection
+from dlm.training.param_groups import param_groups
 from dlm.training.report import plot_head_fit
 
 __all__ = [
@@ -242,10 +244,7 @@ def fit_length_head(
     stray = [k for k in model.state_dict() if not k.startswith(tuple(p for _, ps in _PARTS.values() for p in ps))]
     if stray:
         raise RuntimeError(f"length head tensors {stray} belong to no classifier of _PARTS; list them there")
-    params = list(model.parameters())
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}], lr=lr)
+    optimizer = torch.optim.AdamW(param_groups(model, OptimSection(lr=lr, weight_decay=weight_decay)), lr=lr)
     watched = val or train
     first = score_head(model, feats, watched, batch_size)
     history: list[dict[str, float | None]] = [
@@ -296,12 +295,15 @@ def cached_features(
     keys = [example_key(e) for e in examples]
     have = set() if held is None else set(held.keys)
     missing = [e for e, k in zip(examples, keys) if k not in have]
+    sources = [e.source for e in examples]
+    if held is not None and not missing:
+        return held.select(keys, sources)  # no merge: that would copy the whole cache once more
     fresh = extract_features(loaded, missing, width, batch_size=batch_size, progress=progress)
     fresh.fingerprint = fingerprint
     every = fresh if held is None else held.merge(fresh)
-    if cache is not None and (held is None or missing):
+    if cache is not None:
         every.save(cache)
-    return every.select(keys, [e.source for e in examples])
+    return every.select(keys, sources)
 
 
 def _run_files(directory: Path) -> list[Path]:
