@@ -351,8 +351,9 @@ def _add_fit_head_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
     fit.add_argument("--out", required=True, help="the new run directory (the source run is never changed)")
     fit.add_argument("--limit", type=int, default=None, help="only the first N training examples of each file")
     fit.add_argument("--cache", default=None,
-                     help="safetensors file of backbone states, per example: those it holds for these weights are "
-                          "not run again, new ones are added")
+                     help="directory of backbone-state shards (safetensors, read memory-mapped): examples it holds "
+                          "for these weights are not run again; new ones are added a shard at a time, so an "
+                          "interrupted extraction keeps what it finished")
     fit.add_argument("--epochs", type=int, default=100, help="most epochs over the cached states")
     fit.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     fit.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")

@@ -19,15 +19,14 @@ from dlm.evaluation.length import read_all, read_lengths
 from dlm.generation import load_for_generation
 from dlm.modeling import LengthHead
 from dlm.training.head_fit import (
-    HeadFeatures,
     HeadFitError,
-    score_head,
     cached_features,
-    example_key,
     extract_features,
     fit_head,
     fit_length_head,
+    score_head,
 )
+from dlm.training.state_cache import HeadFeatures, StateCache, StateCacheError, example_key
 
 from .test_eval_length import _write_data, _write_run
 
@@ -99,7 +98,7 @@ def test_fits_on_the_state_inference_reads(setup: dict[str, Path]) -> None:
 
 def test_cli_writes_a_new_run_and_keeps_the_backbone(setup: dict[str, Path], tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    out, cache = tmp_path / "fitted", tmp_path / "states.safetensors"
+    out, cache = tmp_path / "fitted", tmp_path / "states"
     args = ["fit-head", "--model", str(setup["head"]), "--data", str(setup["data"]), "--out", str(out),
             "--cache", str(cache), "--epochs", "40", "--lr", "1e-2", "--val-fraction", "0.2", "--device", "cpu"]
     assert main(args) == 0
@@ -125,9 +124,9 @@ def test_cli_writes_a_new_run_and_keeps_the_backbone(setup: dict[str, Path], tmp
     fitted = load_for_generation(out, device="cpu")  # a run directory generation and eval load as any other
     assert fitted.model.length_head is not None
     # a second fit reads the cache instead of the backbone; another out, same states
-    stamp = cache.stat().st_mtime_ns
+    stamps = {p: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert main([*args[:6], str(tmp_path / "again"), *args[7:]]) == 0
-    assert cache.stat().st_mtime_ns == stamp
+    assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
     assert load_file(tmp_path / "again" / "model.safetensors").keys() == after.keys()
 
 
@@ -140,19 +139,32 @@ def test_a_diverging_fit_returns_the_head_it_started_from(cached: tuple[LengthHe
         assert torch.equal(tensor, result.state[name]), name
 
 
+def _same_batches(got: Any, want: HeadFeatures) -> None:
+    """``got`` reads the same states as ``want``, entry for entry (padding beside other prompt lengths included)."""
+    assert len(got) == len(want) and torch.equal(got.lengths, want.lengths) and got.keys == want.keys
+    index = list(range(len(want)))
+    for a, b in zip(got.batch(index), want.batch(index)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_cache_round_trip_and_stale_cache(setup: dict[str, Path], tmp_path: Path) -> None:
     loaded = load_for_generation(setup["head"], device="cpu")
     examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=8).examples
     feats = extract_features(loaded, examples, 32, progress=False)
     feats.fingerprint = "weights A"
-    path = tmp_path / "states.safetensors"
-    feats.save(path)
-    back = HeadFeatures.load(path, "weights A")
-    assert torch.equal(back.canvas, feats.canvas) and torch.equal(back.lengths, feats.lengths)
-    assert all(torch.equal(a, b) for a, b in zip(back.prompts, feats.prompts))
-    assert back.sources == feats.sources and back.keys == [example_key(e) for e in examples]
-    with pytest.raises(HeadFitError, match="other weights or another canvas"):
-        HeadFeatures.load(path, "weights B")
+    store = StateCache(tmp_path / "states", "weights A")
+    store.append(feats)
+    back = StateCache(tmp_path / "states", "weights A").features(feats.keys[::-1], feats.sources[::-1])
+    assert back.keys == [example_key(e) for e in examples][::-1] and back.sources == feats.sources[::-1]
+    reverse = HeadFeatures(feats.prompts[::-1], feats.canvas.flip(0), feats.lengths.flip(0), feats.sources[::-1],
+                           feats.keys[::-1])
+    _same_batches(back, reverse)
+    assert torch.equal(back.batch([0])[2], feats.canvas[-1:])  # bit for bit, not just close
+    with pytest.raises(StateCacheError, match="other weights or another canvas"):
+        StateCache(tmp_path / "states", "weights B")
+    (tmp_path / "one.safetensors").write_bytes(b"")
+    with pytest.raises(StateCacheError, match="is a file; the state cache is a directory"):
+        StateCache(tmp_path / "one.safetensors", "weights A")
 
 
 def test_cache_grows_and_computes_only_what_it_lacks(setup: dict[str, Path], tmp_path: Path,
@@ -167,18 +179,45 @@ def test_cache_grows_and_computes_only_what_it_lacks(setup: dict[str, Path], tmp
         return real(loaded_, chosen, *args, **kwargs)
 
     monkeypatch.setattr(head_fit, "extract_features", counting)
-    cache = tmp_path / "states.safetensors"
+    cache = tmp_path / "states"
     first = cached_features(loaded, examples[:10], 32, cache, progress=False)
     grown = cached_features(loaded, examples[5:20], 32, cache, progress=False)  # 5 held, 10 new
+    shards = sorted(cache.iterdir())
     again = cached_features(loaded, examples[:20], 32, cache, progress=False)  # all held
     assert computed == [10, 10]  # the third call ran no backbone pass at all
-    assert len(HeadFeatures.load(cache, first.fingerprint)) == 20
+    assert sorted(cache.iterdir()) == shards and len(shards) == 2  # growing added a shard, rewrote none
     direct = real(loaded, examples[:20], 32, progress=False)
-    for got in (first, grown, again):
-        lo = {10: 0, 15: 5, 20: 0}[len(got)]
-        torch.testing.assert_close(got.canvas, direct.canvas[lo : lo + len(got)], atol=1e-5, rtol=1e-4)
-        assert torch.equal(got.lengths, direct.lengths[lo : lo + len(got)])
-        assert got.keys == direct.keys[lo : lo + len(got)]
+    for got, lo in ((first, 0), (grown, 5), (again, 0)):
+        part = HeadFeatures(direct.prompts[lo : lo + len(got)], direct.canvas[lo : lo + len(got)],
+                            direct.lengths[lo : lo + len(got)], direct.sources[lo : lo + len(got)],
+                            direct.keys[lo : lo + len(got)])
+        _same_batches(got, part)
+
+
+def test_an_interrupted_extraction_keeps_its_finished_shards(setup: dict[str, Path], tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kill in the middle of an extraction costs the chunk in flight, not the hour before it."""
+    loaded = load_for_generation(setup["head"], device="cpu")
+    examples = read_all(setup["data"], loaded, template=None, split="all", eval_fraction=None, limit=None).examples
+    real = head_fit.extract_features
+    calls: list[int] = []
+
+    def dies_on_the_third_chunk(loaded_: Any, chosen: Any, *args: Any, **kwargs: Any) -> HeadFeatures:
+        calls.append(len(chosen))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(loaded_, chosen, *args, **kwargs)
+
+    monkeypatch.setattr(head_fit, "extract_features", dies_on_the_third_chunk)
+    cache = tmp_path / "states"
+    with pytest.raises(KeyboardInterrupt):
+        cached_features(loaded, examples[:20], 32, cache, progress=False, shard_examples=6)
+    assert len(list(cache.glob("*.safetensors"))) == 2 and not list(cache.glob("*.tmp"))
+    calls.clear()
+    monkeypatch.setattr(head_fit, "extract_features", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    feats = cached_features(loaded, examples[:20], 32, cache, progress=False, shard_examples=6)
+    assert calls == [6, 2]  # 12 were kept; only the other 8 ran
+    _same_batches(feats, real(loaded, examples[:20], 32, progress=False))
 
 
 def test_refusals(setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,8 +6,9 @@ is already good (measured on SmolLM2-135M: 480 length rows in 240 steps, bucket 
 loss still falling). The head is small and reads only the backbone's final states, so once the backbone is
 frozen it can be fitted to convergence cheaply: one forward pass per training example in the state
 generation starts in (``[prompt, W masks]``, exactly :func:`dlm.evaluation.readings.prediction_pass`, the
-pass the length benchmark and the sampler's budget prediction read), the states cached, then many epochs
-over the cache with the joint objective's own loss (:func:`~dlm.modeling.length_head.length_head_terms`).
+pass the length benchmark and the sampler's budget prediction read), the states cached
+(:mod:`dlm.training.state_cache`: shards on disk, read memory-mapped, so the cache may outgrow memory), then
+many epochs over the cache with the joint objective's own loss (:func:`~dlm.modeling.length_head.length_head_terms`).
 
 Only the training split of the run's data is read (the same content hash and ``data.eval_fraction``), so the
 held-out split stays unseen; a share of it (``val_fraction``) decides when to stop and which epoch to keep.
@@ -17,7 +18,6 @@ The backbone's tensors are written back bit for bit; only ``length_head.*`` chan
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import shutil
@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import save_model
 from torch import Tensor
 from tqdm import tqdm
 
@@ -44,108 +43,25 @@ from dlm.modeling.manifest import file_checksum
 from dlm.training.config import OptimSection
 from dlm.training.param_groups import param_groups
 from dlm.training.report import plot_head_fit
+from dlm.training.state_cache import SHARD_EXAMPLES, Features, HeadFeatures, StateCache, example_key
 
 __all__ = [
-    "FitResult", "HeadFeatures", "HeadFitError", "cached_features", "check_settings", "example_key",
-    "extract_features", "fit_head", "fit_length_head", "score_head",
+    "FitResult", "HeadFitError", "cached_features", "check_settings", "extract_features", "fit_head",
+    "fit_length_head", "score_head",
 ]
 
 FIT_RECORD = "head_fit.json"
-_CACHE_VERSION = "2"
 _TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                     "vocab.json", "merges.txt", "added_tokens.json"}
 
 
 class HeadFitError(UserError):
-    """The head cannot be fitted as asked (no head, a stale cache, bad settings)."""
-
-
-def example_key(example: EvalExample) -> str:
-    """What the cached states of an example depend on besides the weights and canvas: its prompt tokens and
-    its answer length (the fit's target)."""
-    digest = hashlib.sha256(json.dumps([example.prompt_ids, example.length]).encode())
-    return digest.hexdigest()[:24]
-
-
-@dataclass
-class HeadFeatures:
-    """The frozen backbone's final states in the generation-start state, one entry per example.
-
-    ``prompts[i] [P_i, d]``: the states of example ``i``'s prompt tokens (what the bucket head pools);
-    ``canvas [N, W, d]``: the states of its ``W`` masked canvas positions (what the EOS head reads);
-    ``lengths [N]``: the true answer lengths (EOS excluded, as the benchmark counts them); ``keys``:
-    :func:`example_key` of each, so a cache serves any selection of examples it holds.
-    """
-
-    prompts: list[Tensor]
-    canvas: Tensor
-    lengths: Tensor
-    sources: list[str]
-    keys: list[str]
-    fingerprint: str = ""
-
-    def __len__(self) -> int:
-        return len(self.prompts)
-
-    def batch(self, index: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
-        """``(prompt_hidden [B, P, d], prompt_mask [B, P], canvas_hidden [B, W, d])`` for ``index``, what
-        :meth:`~dlm.modeling.LengthHead.read` takes: prompts left-padded with zeros to the longest, as
-        :func:`~dlm.generation.rows.pack_rows` lays rows out."""
-        prompts = [self.prompts[i] for i in index]
-        width = max(p.shape[0] for p in prompts)
-        block = self.canvas.new_zeros(len(prompts), width, self.canvas.shape[-1])
-        mask = torch.zeros(len(prompts), width, dtype=torch.bool)
-        for r, p in enumerate(prompts):
-            block[r, width - p.shape[0] :] = p
-            mask[r, width - p.shape[0] :] = True
-        return block, mask, self.canvas[list(index)]
-
-    def select(self, keys: Sequence[str], sources: Sequence[str]) -> HeadFeatures:
-        """The entries of ``keys`` in that order (each must be held), labelled with ``sources``."""
-        where = {k: i for i, k in enumerate(self.keys)}
-        index = [where[k] for k in keys]
-        return HeadFeatures([self.prompts[i] for i in index], self.canvas[index], self.lengths[index],
-                            list(sources), list(keys), self.fingerprint)
-
-    def merge(self, other: HeadFeatures) -> HeadFeatures:
-        """This cache's entries and ``other``'s that it does not hold yet."""
-        held = set(self.keys)
-        new = [i for i, k in enumerate(other.keys) if k not in held]
-        return HeadFeatures(self.prompts + [other.prompts[i] for i in new],
-                            torch.cat([self.canvas, other.canvas[new]]), torch.cat([self.lengths, other.lengths[new]]),
-                            self.sources + [other.sources[i] for i in new], self.keys + [other.keys[i] for i in new],
-                            self.fingerprint)
-
-    def save(self, path: Path) -> None:
-        """One safetensors file (written to a temp name and renamed), fingerprint and keys in its metadata."""
-        offsets = torch.tensor([0, *torch.tensor([p.shape[0] for p in self.prompts]).cumsum(0).tolist()])
-        tensors = {"prompts": torch.cat(self.prompts).contiguous(), "prompt_offsets": offsets,
-                   "canvas": self.canvas.contiguous(), "lengths": self.lengths}
-        meta = {"version": _CACHE_VERSION, "fingerprint": self.fingerprint, "sources": json.dumps(self.sources),
-                "keys": json.dumps(self.keys)}
-        tmp = path.with_name(path.name + ".tmp")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, path: Path, fingerprint: str) -> HeadFeatures:
-        """Read a cache written by :meth:`save`; refuse one built from other weights or another canvas."""
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        if meta.get("version") != _CACHE_VERSION or meta.get("fingerprint") != fingerprint:
-            raise HeadFitError(f"feature cache {path} was built from other weights or another canvas; delete it or "
-                               "pass another --cache path")
-        tensors = load_file(str(path))
-        offsets = tensors["prompt_offsets"].tolist()
-        flat = tensors["prompts"]
-        prompts = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-        return cls(prompts, tensors["canvas"], tensors["lengths"], json.loads(meta["sources"]),
-                   json.loads(meta["keys"]), fingerprint)
+    """The head cannot be fitted as asked (no head, bad settings, too few examples)."""
 
 
 def extract_features(
-    loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True
+    loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True,
+    desc: str = "backbone states",
 ) -> HeadFeatures:
     """Run :func:`~dlm.evaluation.readings.prediction_pass` once over ``examples`` and keep the states."""
     d = loaded.model.cfg.d_model
@@ -153,7 +69,7 @@ def extract_features(
     canvas = torch.empty(len(examples), width, d, dtype=torch.float32)
     if examples:
         for batch in prediction_pass(loaded, examples, width, batch_size=batch_size, progress=progress,
-                                     desc="backbone states"):
+                                     desc=desc):
             hidden = batch.hidden.float().cpu()
             p = batch.rows.prompt_width
             for r, i in enumerate(batch.index):
@@ -181,7 +97,7 @@ class FitResult:
         return out
 
 
-def score_head(head: LengthHead, feats: HeadFeatures, index: Sequence[int], batch_size: int) -> dict[str, float]:
+def score_head(head: LengthHead, feats: Features, index: Sequence[int], batch_size: int) -> dict[str, float]:
     """Mean EOS BCE, mean bucket CE, their sum and the bucket accuracy of ``head`` over ``index``."""
     sums = torch.zeros(6)
     with torch.no_grad():
@@ -212,7 +128,7 @@ def check_settings(*, epochs: int = 100, lr: float = 1e-3, batch_size: int = 32,
 
 def fit_length_head(
     head: LengthHead,
-    feats: HeadFeatures,
+    feats: Features,
     *,
     epochs: int = 100,
     lr: float = 1e-3,
@@ -240,7 +156,7 @@ def fit_length_head(
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=gen).tolist()
     val, train = order[:n_val], order[n_val:]
-    model = copy.deepcopy(head).float().to(feats.canvas.device).train().requires_grad_(True)
+    model = copy.deepcopy(head).float().cpu().train().requires_grad_(True)
     stray = [k for k in model.state_dict() if not k.startswith(tuple(p for _, ps in _PARTS.values() for p in ps))]
     if stray:
         raise RuntimeError(f"length head tensors {stray} belong to no classifier of _PARTS; list them there")
@@ -287,23 +203,27 @@ def _fingerprint(loaded: LoadedModel, width: int) -> str:
 
 def cached_features(
     loaded: LoadedModel, examples: Sequence[EvalExample], width: int, cache: Path | None, *, batch_size: int = 8,
-    progress: bool = True,
-) -> HeadFeatures:
-    """The states of ``examples``: those ``cache`` holds read from it, the rest computed and added to it."""
+    progress: bool = True, shard_examples: int = SHARD_EXAMPLES,
+) -> Features:
+    """The states of ``examples``. Without ``cache`` they are computed and held in memory; with one (a
+    :class:`~dlm.training.state_cache.StateCache` directory) those it holds are read from it, the rest computed
+    ``shard_examples`` at a time, each chunk written as a shard before the next starts, then all are read
+    on demand from the shards."""
     fingerprint = _fingerprint(loaded, width)
-    held = HeadFeatures.load(cache, fingerprint) if cache is not None and cache.is_file() else None
+    if cache is None:
+        feats = extract_features(loaded, examples, width, batch_size=batch_size, progress=progress)
+        feats.fingerprint = fingerprint
+        return feats
+    store = StateCache(cache, fingerprint)
     keys = [example_key(e) for e in examples]
-    have = set() if held is None else set(held.keys)
-    missing = [e for e, k in zip(examples, keys) if k not in have]
-    sources = [e.source for e in examples]
-    if held is not None and not missing:
-        return held.select(keys, sources)  # no merge: that would copy the whole cache once more
-    fresh = extract_features(loaded, missing, width, batch_size=batch_size, progress=progress)
-    fresh.fingerprint = fingerprint
-    every = fresh if held is None else held.merge(fresh)
-    if cache is not None:
-        every.save(cache)
-    return every.select(keys, sources)
+    missing = list({k: e for k, e in zip(keys, examples) if k not in store}.values())
+    chunks = range(0, len(missing), shard_examples)
+    for n, start in enumerate(chunks, 1):
+        fresh = extract_features(loaded, missing[start : start + shard_examples], width, batch_size=batch_size,
+                                 progress=progress, desc=f"backbone states, shard {n}/{len(chunks)}")
+        fresh.fingerprint = fingerprint
+        store.append(fresh)
+    return store.features(keys, [e.source for e in examples])
 
 
 def _run_files(directory: Path) -> list[Path]:
