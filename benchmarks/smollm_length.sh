@@ -27,13 +27,13 @@ stamp eval-length
 $BIN/dlm eval length --data ../shared/data/sft/alpaca_en_demo.json --data ../shared/data/sft/gsm8k_train.jsonl \
   --model runs/smollm-sft-length --split held-out --target-ratio 2 --device cpu --out "$OUT/length"
 # The head saw ~480 length rows in the joint run; fit it on the frozen backbone's states of the training split
-# (all 947 alpaca examples, the first 3,000 gsm8k ones: ~80 min of backbone passes, cached per example in
+# (all 947 alpaca examples, the first 4,500 gsm8k ones: ~105 min of backbone passes, cached per example in
 # shards, so a later run with a larger --limit computes only the examples the cache lacks and a killed run
 # keeps its finished shards), then evaluate that run.
 if [ ! -f runs/smollm-sft-length-fit/model.safetensors ]; then
   stamp fit-head
   $BIN/dlm fit-head --model runs/smollm-sft-length --data ../shared/data/sft/alpaca_en_demo.json \
-    --data ../shared/data/sft/gsm8k_train.jsonl --out runs/smollm-sft-length-fit --limit 3000 \
+    --data ../shared/data/sft/gsm8k_train.jsonl --out runs/smollm-sft-length-fit --limit 4500 \
     --cache runs/smollm-head-states --epochs 100 --patience 20 --device cpu
 fi
 stamp eval-length-fit
