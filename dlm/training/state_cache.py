@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ class HeadFeatures:
         tmp = path.with_name(path.name + ".tmp")
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as fh:  # on disk before the rename publishes it, so a crash leaves no torn shard
+            os.fsync(fh.fileno())
         tmp.replace(path)
 
 
@@ -111,7 +114,11 @@ class ShardedFeatures:
 
     def __init__(self, handles: list[Any], offsets: list[list[int]], rows: list[tuple[int, int]], lengths: Tensor,
                  sources: list[str], keys: list[str], fingerprint: str) -> None:
-        self._handles, self._offsets, self._rows = handles, offsets, rows
+        # one slice view per shard and tensor, taken once: batch() only indexes them (handles kept with them)
+        self._handles = handles
+        self._prompts = [fh.get_slice("prompts") for fh in handles]
+        self._canvas = [fh.get_slice("canvas") for fh in handles]
+        self._offsets, self._rows = offsets, rows
         self.lengths, self.sources, self.keys, self.fingerprint = lengths, sources, keys, fingerprint
 
     def __len__(self) -> int:
@@ -122,9 +129,9 @@ class ShardedFeatures:
         prompts, canvas = [], []
         for i in index:
             shard, row = self._rows[i]
-            fh, offsets = self._handles[shard], self._offsets[shard]
-            prompts.append(fh.get_slice("prompts")[offsets[row] : offsets[row + 1]])
-            canvas.append(fh.get_slice("canvas")[row : row + 1])
+            offsets = self._offsets[shard]
+            prompts.append(self._prompts[shard][offsets[row] : offsets[row + 1]])
+            canvas.append(self._canvas[shard][row : row + 1])
         canvas_hidden = torch.cat(canvas)
         block, mask = _pad_prompts(prompts, canvas_hidden.shape[-1])
         return block, mask, canvas_hidden
