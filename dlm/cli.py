@@ -325,7 +325,8 @@ def _fit_head(args: argparse.Namespace) -> int:
     from dlm.training.head_fit import fit_head
 
     record = fit_head(
-        args.model, args.data, args.out, limit=args.limit, cache=args.cache, device=args.device,
+        args.model, args.data, args.out, limit=args.limit, cache=args.cache, prediction_pass=args.prediction_pass,
+        device=args.device,
         batch_size=args.batch_size, overwrite=args.overwrite, epochs=args.epochs, lr=args.lr,
         weight_decay=args.weight_decay, val_fraction=args.val_fraction, patience=args.patience, seed=args.seed,
     )
@@ -333,8 +334,11 @@ def _fit_head(args: argparse.Namespace) -> int:
     eos, bucket = history[kept["eos"]], history[kept["bucket"]]
     files = ", ".join(f"{name} {count}" for name, count in record["examples"].items())
     print(f"fitted on {record['train_examples']} examples ({files}), validated on {record['val_examples']}")
-    print(f"EOS head: epoch {kept['eos']} kept, validation BCE {history[0]['val_eos_bce']:.4f} -> "
-          f"{eos['val_eos_bce']:.4f}")
+    if record["eos_fitted"]:
+        print(f"EOS head: epoch {kept['eos']} kept, validation BCE {history[0]['val_eos_bce']:.4f} -> "
+              f"{eos['val_eos_bce']:.4f}")
+    else:
+        print("EOS head: not fitted (a prompt-only pass has no canvas for it to read), kept as trained")
     print(f"bucket head: epoch {kept['bucket']} kept, validation CE {history[0]['val_bucket_ce']:.4f} -> "
           f"{bucket['val_bucket_ce']:.4f}, accuracy {history[0]['val_bucket_acc']:.1%} -> "
           f"{bucket['val_bucket_acc']:.1%}")
@@ -354,6 +358,10 @@ def _add_fit_head_parser(sub: argparse._SubParsersAction) -> None:  # type: igno
                      help="directory of backbone-state shards (safetensors, read memory-mapped): examples it holds "
                           "for these weights are not run again; new ones are added a shard at a time, so an "
                           "interrupted extraction keeps what it finished")
+    fit.add_argument("--pass", dest="prediction_pass", choices=("canvas", "prompt"), default=None,
+                     help="the pass the head is fitted on and will be read from: canvas = [prompt, max_len masks] "
+                          "(both heads), prompt = the prompt alone (the bucket head only; its states cost the "
+                          "prompt's tokens, no canvas). Default: the head's own (length_head.prediction_pass)")
     fit.add_argument("--epochs", type=int, default=100, help="most epochs over the cached states")
     fit.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     fit.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (matrices only)")

@@ -5,6 +5,7 @@ than the one it started from, leave every backbone tensor as it was, and refuse 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,11 @@ from safetensors.torch import load_file
 
 import dlm.training.head_fit as head_fit
 from dlm.cli import main
-from dlm.evaluation.length import read_all, read_lengths
-from dlm.generation import load_for_generation
+from dlm.errors import GenerationError
+from dlm.evaluation.cost import measure_generation
+from dlm.evaluation.length import evaluate_length, read_all, read_lengths
+from dlm.evaluation.sweep import predicted_budgets
+from dlm.generation import PredictedLength, load_for_generation, predict_budgets
 from dlm.modeling import LengthHead
 from dlm.training.head_fit import (
     HeadFitError,
@@ -128,6 +132,61 @@ def test_cli_writes_a_new_run_and_keeps_the_backbone(setup: dict[str, Path], tmp
     assert main([*args[:6], str(tmp_path / "again"), *args[7:]]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache.iterdir()} == stamps
     assert load_file(tmp_path / "again" / "model.safetensors").keys() == after.keys()
+
+
+def test_a_prompt_pass_fit_is_read_from_the_prompt_alone(setup: dict[str, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """``--pass prompt``: the bucket head is fitted on states of the prompt alone, the new run says so, and
+    generation and ``dlm eval length`` both read it from that pass (same probabilities as the fit's states);
+    the EOS head, with no canvas to read, keeps its weights and is refused as a generation head."""
+    out = tmp_path / "prompt-fitted"
+    args = ["fit-head", "--model", str(setup["head"]), "--data", str(setup["data"]), "--out", str(out),
+            "--pass", "prompt", "--epochs", "200", "--lr", "3e-2", "--val-fraction", "0", "--device", "cpu"]
+    assert main(args) == 0
+    assert "EOS head: not fitted" in capsys.readouterr().out
+    record = json.loads((out / "head_fit.json").read_text())
+    assert record["canvas"] == 0 and record["prediction_pass"] == "prompt" and not record["eos_fitted"]
+    assert json.loads((out / "model_config.json").read_text())["length_head"]["prediction_pass"] == "prompt"
+    source = load_for_generation(setup["head"], device="cpu")
+    fitted = load_for_generation(out, device="cpu")
+    head, was = fitted.model.length_head, source.model.length_head
+    assert head is not None and was is not None and head.cfg.prediction_width == 0
+    for name, tensor in was.state_dict().items():
+        assert torch.equal(tensor, head.state_dict()[name]) == name.startswith("eos."), name
+
+    examples = read_all(setup["data"], fitted, template=None, split="train", eval_fraction=None, limit=None).examples
+    feats = extract_features(fitted, examples, 0, batch_size=3, progress=False)
+    assert feats.canvas.shape[1] == 0
+    assert score_head(head, feats, list(range(len(feats))), 16)["bucket_acc"] >= 0.9  # it learned the lengths
+    readings = read_lengths(fitted, examples, head.cfg.max_len, batch_size=5, progress=False)
+    assert readings.bucket_pass[0] == 0 and readings.width == head.cfg.max_len  # the EOS head keeps the canvas
+    tok = fitted.tokenizer
+    prompts = [torch.tensor(e.prompt_ids) for e in examples]
+    prediction = predict_budgets(fitted.model, prompts, PredictedLength(0.5), mask_id=tok.mask_id, pad_id=tok.pad_id,
+                                 batch_size=4)
+    assert prediction.eos_bounds == [] and max(prediction.forward_tokens) == max(len(p) for p in prompts)
+    for i in range(len(examples)):
+        with torch.no_grad():
+            probs = head.read(*feats.batch([i, (i + 5) % len(examples)])).bucket_probs()[0].numpy()
+        torch.testing.assert_close(probs, readings.bucket[i], atol=1e-5, rtol=1e-4)
+    _, ours = predicted_budgets(readings, "bucket-head", 0.5)
+    assert ours == prediction.budgets and len(set(ours)) > 1
+    with pytest.raises(GenerationError, match="predicted:0.5:bucket"):
+        predict_budgets(fitted.model, prompts, PredictedLength(0.5, "eos"), mask_id=tok.mask_id, pad_id=tok.pad_id)
+    # the benchmark charges the bucket head its prompt-only pass: no canvas positions, the prompts' tokens
+    report = evaluate_length(setup["data"], fitted, q=0.5, fixed=(32,), limit=6, run_generation=True, progress=False)
+    methods = {m.name: m for m in report.methods}
+    bucket, eos = methods["bucket-head"], methods["eos-head"]
+    assert bucket.prediction_tokens == 0 and eos.prediction_tokens == 6 * head.cfg.max_len
+    assert bucket.generation is not None and eos.generation is not None and methods["oracle"].generation is not None
+    unpredicted = replace(bucket, predicted=False, generation=None)  # the same budgets with no prediction pass
+    six = read_all(setup["data"], fitted, template=None, split="all", eval_fraction=None, limit=6).examples
+    measure_generation(fitted, six, unpredicted, steps_per_token=1.0, batch_size=8,
+                       block_length=None, seed=0, synthetic=report.synthetic, progress=False)
+    assert unpredicted.generation is not None
+    prompt_tokens = sum(len(e.prompt_ids) for e in six)
+    assert bucket.generation["forward_tokens"] - unpredicted.generation["forward_tokens"] == prompt_tokens
+    assert bucket.generation["canvas_tokens"] == unpredicted.generation["canvas_tokens"]
 
 
 def test_a_diverging_fit_returns_the_head_it_started_from(cached: tuple[LengthHead, HeadFeatures]) -> None:

@@ -111,8 +111,8 @@ def measure_generation(
     bar.close()
     texts = [str(tok.tokenizer.decode(a, skip_special_tokens=True)) for a in answers]
     m.generated = texts
-    # the prediction pass ran each prompt once more, with W masked positions after it
-    prediction_forward = sum(len(e.prompt_ids) for e in examples) + m.prediction_tokens if m.prediction_tokens else 0
+    # the prediction pass ran each prompt once more, with its W masked positions (if any) after it
+    prediction_forward = sum(len(e.prompt_ids) for e in examples) + m.prediction_tokens if m.predicted else 0
     m.generation = {
         "canvas_tokens": canvas_tokens + m.prediction_tokens,
         "forward_tokens": forward_tokens + prediction_forward,

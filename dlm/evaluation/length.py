@@ -174,14 +174,17 @@ def _fixed_method(size: int, examples: Sequence[EvalExample], max_seq_len: int) 
 
 
 def _predictor_methods(readings: Readings, predictors: Sequence[str], q: float, n: int) -> list[MethodResult]:
-    """The predictors' budgets at ``q``, each charged its prediction pass (``width`` positions per prompt) and the
-    pass's wall time (the LM-head reading only for zero-shot, which alone needs it)."""
+    """The predictors' budgets at ``q``, each charged its prediction pass (``width`` positions per prompt, none
+    for a bucket head read from the prompt alone) and the pass's wall time (the LM-head reading only for
+    zero-shot, which alone needs it)."""
     methods = []
     for name in predictors:
         _, budgets = predicted_budgets(readings, name, q)
-        seconds = readings.backbone_seconds + (readings.lm_seconds if name == "zero-shot" else 0.0)
+        width, seconds = readings.bucket_pass if name == "bucket-head" else (readings.width, readings.backbone_seconds)
+        seconds += readings.lm_seconds if name == "zero-shot" else 0.0
         methods.append(MethodResult(name, _RULES[name] + f", q = {q:g}, next power of two", budgets, True,
-                                    readings.width, prediction_tokens=readings.width * n, prediction_seconds=seconds))
+                                    readings.width, prediction_tokens=width * n, prediction_seconds=seconds,
+                                    predicted=True))
     return methods
 
 

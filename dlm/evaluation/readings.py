@@ -161,7 +161,9 @@ class Readings:
     ``zero_shot [N, W]``: the LM's EOS probability per canvas position; ``eos_head [N, W]``: the EOS head's
     past-the-end probability; ``bucket [N, K]``: the bucket head's distribution (None without a head).
     ``backbone_seconds`` / ``lm_seconds``: wall time of the backbone + heads and of the zero-shot LM-head
-    reading, kept apart so each method is charged for what it needs.
+    reading, kept apart so each method is charged for what it needs. A head read from the prompt alone
+    (``length_head.prediction_pass: prompt``) has its bucket readings from a second pass over the prompts only:
+    ``bucket_width`` is that pass's canvas (0; else ``width``) and ``bucket_seconds`` its wall time.
     """
 
     width: int
@@ -172,6 +174,15 @@ class Readings:
     min_budget: int
     backbone_seconds: float = 0.0
     lm_seconds: float = 0.0
+    bucket_width: int | None = None
+    bucket_seconds: float | None = None
+
+    @property
+    def bucket_pass(self) -> tuple[int, float]:
+        """The canvas width and wall time of the pass the bucket head was read from."""
+        if self.bucket_width is None or self.bucket_seconds is None:
+            return self.width, self.backbone_seconds
+        return self.bucket_width, self.bucket_seconds
 
     def subset(self, index: Sequence[int]) -> Readings:
         """The readings of the examples at ``index`` only (timings kept whole: they belong to the pass)."""
@@ -237,7 +248,8 @@ def prediction_pass(
 def read_lengths(
     loaded: LoadedModel, examples: Sequence[EvalExample], width: int, *, batch_size: int = 8, progress: bool = True
 ) -> Readings:
-    """Every predictor's readings from :func:`prediction_pass`, as probabilities."""
+    """Every predictor's readings from :func:`prediction_pass`, as probabilities; a head read from the prompt
+    alone has its bucket readings from a second, prompt-only pass (the EOS head keeps the canvas pass)."""
     model = loaded.model
     head = model.length_head
     n = len(examples)
@@ -262,4 +274,13 @@ def read_lengths(
         backbone_s += batch.seconds + t1 - t0
         lm_s += t2 - t1
     min_budget = head.cfg.min_bucket if head is not None else 16
-    return Readings(width, zero_shot, eos_head, bucket, edges, min(min_budget, width), backbone_s, lm_s)
+    readings = Readings(width, zero_shot, eos_head, bucket, edges, min(min_budget, width), backbone_s, lm_s)
+    if head is not None and head.cfg.prediction_width == 0:
+        assert bucket is not None
+        readings.bucket_width, readings.bucket_seconds = 0, 0.0
+        for batch in prediction_pass(loaded, examples, 0, batch_size=batch_size, progress=progress,
+                                     desc="length readings, prompt only"):
+            t0 = time.perf_counter()
+            bucket[batch.index] = head(batch.hidden, batch.rows.prompt_mask).bucket_probs().cpu().numpy()
+            readings.bucket_seconds += batch.seconds + time.perf_counter() - t0
+    return readings

@@ -25,8 +25,9 @@ class MethodResult:
     budgets: list[int]
     extend: bool
     max_length: int
-    prediction_tokens: int = 0
+    prediction_tokens: int = 0  # canvas positions of the prediction pass (0 when it reads the prompt alone)
     prediction_seconds: float = 0.0
+    predicted: bool = False  # a prediction pass ran over every prompt before generation
     note: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
     by_source: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -2,8 +2,9 @@
 and extension.
 
 A fixed canvas is LLaDA's setting: every sample gets ``N`` positions. A predicted budget is dlm's: one
-forward pass over ``[prompt, max_len masks]`` (the state generation starts from) reads the length head, takes
-its ``q``-quantile upper bound on the answer length and allocates the smallest power of two at or above it,
+forward pass over ``[prompt, max_len masks]`` (the state generation starts from; over the prompt alone for a
+head fitted on that pass, ``length_head.prediction_pass: prompt``) reads the length head, takes its
+``q``-quantile upper bound on the answer length and allocates the smallest power of two at or above it,
 clipped to ``[min_bucket, max_len]``. A canvas that fills without an EOS is extended to the next power of two,
 up to ``max_len``, so an under-predicted budget costs extra steps, never a truncated answer.
 
@@ -109,7 +110,8 @@ def extend_budget(current: int, max_length: int) -> int | None:
 class BudgetPrediction:
     """The length head's reading for each prompt and what it cost.
 
-    ``bounds`` are the chosen head's q-quantile bounds in tokens (``eos_bounds``/``bucket_bounds`` both heads'),
+    ``bounds`` are the chosen head's q-quantile bounds in tokens (``eos_bounds``/``bucket_bounds`` both heads';
+    ``eos_bounds`` is empty after a prompt-only pass, which gives the EOS head nothing to read),
     ``budgets`` the canvases they give; ``forward_tokens`` is each prompt's row length in the prediction pass
     (its share of the compute), ``forward_passes`` the number of model calls.
     """
@@ -146,13 +148,19 @@ def predict_budgets(
 ) -> BudgetPrediction:
     """Run the prediction pass over ``[prompt, canvas × mask]`` rows and turn the head's output into budgets.
 
-    ``canvas`` (default: the head's ``max_len``) is the masked tail appended to each prompt: the EOS head can
-    only place the end inside it, and the prompt states the bucket head pools are those of the state generation
-    starts from, as in training. Prompts run in batches of ``batch_size`` (default: all), left-padded.
+    ``canvas`` (default: the head's ``prediction_width``, i.e. ``max_len``, or 0 for a head fitted on the
+    prompt alone) is the masked tail appended to each prompt: the EOS head can only place the end inside it,
+    and the prompt states the bucket head pools must be those of the pass the head learned from. Prompts run
+    in batches of ``batch_size`` (default: all), left-padded.
     """
     head = length_head_of(model)
     cfg = head.cfg
-    width = canvas or cfg.max_len
+    width = cfg.prediction_width if canvas is None else canvas
+    if width == 0 and spec.head != "bucket":
+        raise GenerationError(
+            f"length {spec}: this model's length head is read from the prompt alone (length_head.prediction_pass: "
+            f"prompt), which gives the EOS head no canvas to read; use predicted:{spec.q:g}:bucket"
+        )
     edges = cfg.edges
     size = batch_size or len(prompts)
     eos_bounds: list[int] = []
@@ -166,7 +174,8 @@ def predict_budgets(
         out = head(run_model(model, rows), rows.prompt_mask)
         passes += 1
         answer_start = torch.full((len(chunk),), rows.prompt_width, device=device)
-        eos_bounds += predict_eos_bound(out.eos_probs(), answer_start, spec.q).tolist()
+        if width:
+            eos_bounds += predict_eos_bound(out.eos_probs(), answer_start, spec.q).tolist()
         bucket_bounds += [edges[k] for k in predict_bucket_bound(out.bucket_probs(), spec.q).tolist()]
         tokens += [rows.width] * len(chunk)
     if spec.head == "eos":

@@ -38,6 +38,9 @@ from torch import Tensor, nn
 _CUM_TOLERANCE = 1e-6
 
 
+PredictionPass = Literal["canvas", "prompt"]
+
+
 def _is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
@@ -48,6 +51,12 @@ class LengthHeadConfig(BaseModel):
     ``min_bucket`` and ``max_len`` are powers of two: the buckets are ``min_bucket, 2·min_bucket, … max_len``,
     and ``max_len`` is also the longest canvas a predicted budget may grow to. ``hidden = 0`` makes both
     classifiers linear probes; ``hidden > 0`` gives each one hidden SiLU layer of that width.
+
+    ``prediction_pass`` is the pass inference reads the head from, so it must be the one the head was trained
+    or fitted on: ``canvas`` (``[prompt, max_len masks]``, the state generation starts in; both heads) or
+    ``prompt`` (the prompt alone: the bucket head only, since the EOS head has no canvas to read). ``dlm
+    fit-head --pass prompt`` writes the second: its backbone states cost the prompt's tokens instead of
+    prompt + ``max_len`` (measured on SmolLM2-135M with a 512 canvas: 7x faster, an 8x smaller cache).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -57,6 +66,7 @@ class LengthHeadConfig(BaseModel):
     max_len: int = Field(default=1024, gt=0)
     pooling: Literal["attention", "mean"] = "attention"
     hidden: int = Field(default=0, ge=0)
+    prediction_pass: PredictionPass = "canvas"
 
     @model_validator(mode="after")
     def _check_buckets(self) -> LengthHeadConfig:
@@ -79,6 +89,11 @@ class LengthHeadConfig(BaseModel):
     def num_buckets(self) -> int:
         """How many buckets the bucket head classifies into."""
         return len(self.edges)
+
+    @property
+    def prediction_width(self) -> int:
+        """Masked positions after the prompt in the pass the head is read from: ``max_len`` or 0."""
+        return self.max_len if self.prediction_pass == "canvas" else 0
 
 
 def bucket_edges(min_bucket: int = 16, max_len: int = 1024) -> list[int]:
