@@ -29,7 +29,8 @@ $BIN/dlm eval length --data ../shared/data/sft/alpaca_en_demo.json --data ../sha
 # The head saw ~480 length rows in the joint run; fit it on the frozen backbone's states of the training split
 # (all 947 alpaca examples, the first 4,500 gsm8k ones: ~105 min of backbone passes, cached per example in
 # shards, so a later run with a larger --limit computes only the examples the cache lacks and a killed run
-# keeps its finished shards), then evaluate that run.
+# keeps its finished shards), then evaluate that run. `--pass prompt` (and another --cache) fits from a pass over
+# the prompt alone instead: ~14 min of states, 0.5 points lower on the mix here (RESULTS.md, stop 27).
 if [ ! -f runs/smollm-sft-length-fit/model.safetensors ]; then
   stamp fit-head
   $BIN/dlm fit-head --model runs/smollm-sft-length --data ../shared/data/sft/alpaca_en_demo.json \
