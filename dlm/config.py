@@ -84,6 +84,12 @@ class RunConfig(Section):
                 "sets the rate of a length head this model does not have: set model.length_head.max_len, "
                 "or drop optim.length_head_lr",
             )
+        if has_head and head.prediction_pass == "prompt" and self.objective.length_loss_weight > 0:
+            raise CrossFieldError(
+                "model.length_head.prediction_pass", head.prediction_pass,
+                "joint training reads the head from rows with their canvas, so inference must too; leave it at "
+                "canvas (dlm fit-head --pass prompt fits a head for the prompt-only pass after training)",
+            )
         self.curriculum.check_lengths(self.data.format, self.run.micro_batch_size, self.data.seq_len)
         return self
 

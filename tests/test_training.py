@@ -186,6 +186,17 @@ def test_length_head_lr_without_a_length_head_is_refused() -> None:
         load_config(SMOKE, ["optim.length_head_lr=1e-3"])
 
 
+def test_joint_training_refuses_a_head_read_from_the_prompt_alone() -> None:
+    """The joint objective trains the head on rows with their canvas; a head marked for the prompt-only pass
+    would be read at inference from states it never saw (``dlm fit-head --pass prompt`` is the way there)."""
+    from dlm.errors import ConfigError
+
+    head = ["data.format=rows", "model.length_head.max_len=256", "objective.length_loss_weight=1"]
+    assert load_config(SMOKE, head).model.resolve().length_head is not None
+    with pytest.raises(ConfigError, match="prediction_pass.*leave it at canvas.*fit-head --pass prompt"):
+        load_config(SMOKE, [*head, "model.length_head.prediction_pass=prompt"])
+
+
 def test_unigram_output_bias_starts_a_fresh_model_at_the_unigram_loss(tmp_path: Path) -> None:
     """`model.output_bias_init: unigram` (the smoke config): the head's bias holds the train tokens' log
     frequencies, so the untrained model's held-out NELBO is the unigram baseline instead of ln V."""
