@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_model
 from torch import Tensor
 from tqdm import tqdm
 
@@ -48,7 +47,7 @@ from dlm.modeling.length_head import PredictionPass, length_head_terms
 from dlm.modeling.manifest import file_checksum
 from dlm.training.config import OptimSection
 from dlm.training.param_groups import param_groups
-from dlm.training.report import plot_head_fit
+from dlm.training.report import plot_head_fit, save_weights
 from dlm.training.state_cache import SHARD_EXAMPLES, Features, HeadFeatures, StateCache, example_key
 
 __all__ = [
@@ -293,9 +292,7 @@ def fit_head(
         "fit_seconds": round(t2 - t1, 1), "settings": dict(fit), **result.record(),
     }
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        save_model(loaded.model, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "dlm"})
-        arch = loaded.model.cfg.model_copy(update={"length_head": head_cfg})
-        (tmp / "model_config.json").write_text(json.dumps(arch.model_dump(mode="json"), indent=2) + "\n")
+        save_weights(loaded.model, loaded.model.cfg.model_copy(update={"length_head": head_cfg}), tmp)
         for path in _run_files(loaded.directory):
             shutil.copy2(path, tmp / path.name)
         (tmp / FIT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
